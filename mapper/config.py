@@ -1,0 +1,157 @@
+"""GPT-2 model configuration: the one description of a model's shape both backends read.
+
+Field names follow Hugging Face's ``GPT2Config`` (``vocab_size``, ``n_positions``, ``n_embd``, ``n_layer``,
+``n_head``, ``layer_norm_epsilon``) so a ``config.json`` maps onto it with no renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# The four sizes OpenAI released. Parameter counts (tied head, counted once) are tested.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124,439,808 parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 354,823,168
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
+}
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_CONTEXT = 1024
+GPT2_EOS_TOKEN_ID = 50256
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a GPT-2 model."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """Shape of a GPT-2 model.
+
+    Legend used throughout the project: ``V`` = vocab_size, ``C`` = n_embd, ``L`` = n_layer,
+    ``NH`` = n_head, ``hs`` = C // NH (head size), ``B`` = batch, ``T`` = time (sequence length).
+
+    ``tie_word_embeddings``: the LM head reuses ``wte`` (logits = h @ wte.T). When False the parameters
+    carry an extra ``lm_head.weight`` [V, C]. ``n_classes``: when set, the model also has a classification
+    head ``score.weight`` [C, n_classes] + ``score.bias`` [n_classes].
+    """
+
+    vocab_size: int = GPT2_VOCAB_SIZE
+    n_positions: int = GPT2_CONTEXT
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    n_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"{self.n_embd} / {self.n_head} = {self.n_embd / self.n_head:.3f}"
+            )
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+            raise ConfigError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+        if self.n_classes is not None and (
+            isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or self.n_classes < 1
+        ):
+            raise ConfigError(f"n_classes must be a positive integer or None, got {self.n_classes!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """hs = C / NH."""
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
+        """One of ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (V=50257, context 1024)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> GPT2Config:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----- interchange with Hugging Face config.json and OpenAI hparams.json -----
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        """Read a Hugging Face GPT-2 ``config.json`` dict (unknown fields are ignored)."""
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ConfigError(f"config.json describes model_type {d.get('model_type')!r}, not 'gpt2'")
+        try:
+            n_positions = d.get("n_positions", d.get("n_ctx"))
+            kwargs: dict[str, Any] = dict(
+                vocab_size=d["vocab_size"],
+                n_positions=n_positions,
+                n_embd=d["n_embd"],
+                n_layer=d["n_layer"],
+                n_head=d["n_head"],
+                layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+                tie_word_embeddings=d.get("tie_word_embeddings", True),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
+        if kwargs["n_positions"] is None:
+            raise ConfigError("config.json has neither 'n_positions' nor 'n_ctx'")
+        act = d.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ConfigError(
+                f"activation_function {act!r} is not GPT-2's tanh GELU ('gelu_new'); this project implements "
+                "only the tanh form"
+            )
+        if d.get("num_labels") and d.get("architectures") == ["GPT2ForSequenceClassification"]:
+            kwargs["n_classes"] = int(d["num_labels"])
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers.GPT2Config`` / ``from_pretrained`` accepts."""
+        d: dict[str, Any] = {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else self.vocab_size - 1,
+            "eos_token_id": GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else self.vocab_size - 1,
+        }
+        if self.n_classes is not None:
+            d["architectures"] = ["GPT2ForSequenceClassification"]
+            d["num_labels"] = self.n_classes
+        return d
+
+    @classmethod
+    def from_openai_hparams(cls, d: dict[str, Any]) -> GPT2Config:
+        """Read OpenAI's ``hparams.json`` (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
+        try:
+            return cls(
+                vocab_size=d["n_vocab"], n_positions=d["n_ctx"], n_embd=d["n_embd"], n_layer=d["n_layer"],
+                n_head=d["n_head"],
+            )
+        except KeyError as e:
+            raise ConfigError(f"hparams.json lacks the field {e.args[0]!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (our own checkpoints store this)."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,120 @@
+"""The canonical parameter schema and GPT-2's initialisation.
+
+Parameters are a flat ``dict[str, np.ndarray]`` keyed by Hugging Face GPT-2 names without the
+``transformer.`` prefix, every matrix in Conv1D ``[in, out]`` orientation so the spec computes
+``x @ W + b`` with no transposes::
+
+    wte.weight [V, C]   wpe.weight [n_positions, C]   ln_f.weight / ln_f.bias [C]
+    h.{i}.ln_1.weight / .bias [C]          h.{i}.ln_2.weight / .bias [C]
+    h.{i}.attn.c_attn.weight [C, 3C]  .bias [3C]     (columns: q | k | v, heads contiguous inside each)
+    h.{i}.attn.c_proj.weight [C, C]   .bias [C]
+    h.{i}.mlp.c_fc.weight    [C, 4C]  .bias [4C]
+    h.{i}.mlp.c_proj.weight  [4C, C]  .bias [C]
+    lm_head.weight [V, C]                    only when the head is untied
+    score.weight [C, n_classes], score.bias  only with a classification head
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mapper.config import GPT2Config
+
+BLOCK_PARAMS = (
+    "ln_1.weight", "ln_1.bias",
+    "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias",
+    "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias",
+    "mlp.c_proj.weight", "mlp.c_proj.bias",
+)  # fmt: skip
+
+
+def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every canonical parameter name and its shape, in a fixed order (embeddings, blocks, ln_f, heads)."""
+    V, C, P = config.vocab_size, config.n_embd, config.n_positions
+    block_shapes = {
+        "ln_1.weight": (C,), "ln_1.bias": (C,),
+        "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,),
+        "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+        "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,),
+    }  # fmt: skip
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (P, C)}
+    for i in range(config.n_layer):
+        for name in BLOCK_PARAMS:
+            shapes[f"h.{i}.{name}"] = block_shapes[name]
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    if config.n_classes is not None:
+        shapes["score.weight"] = (C, config.n_classes)
+        shapes["score.bias"] = (config.n_classes,)
+    return shapes
+
+
+def count_params(config: GPT2Config) -> int:
+    """Number of parameters (a tied head counted once)."""
+    return sum(math.prod(s) for s in param_shapes(config).values())
+
+
+def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.float32) -> dict[str, np.ndarray]:
+    """GPT-2's initialisation, reproducible from ``seed``.
+
+    Weights ~ N(0, 0.02); the residual projections ``attn.c_proj.weight`` and ``mlp.c_proj.weight`` get
+    N(0, 0.02 / sqrt(2 L)) (GPT-2 paper: scale by 1/sqrt(N) the layers that add into the residual stream,
+    two per block); LayerNorm gains are 1; every bias is 0. Values are drawn in float64 and then cast, so
+    a float32 and a float64 model from the same seed hold the same numbers up to rounding.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"parameters must be float32 or float64, got {dtype}")
+    rng = np.random.default_rng(seed)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    params: dict[str, np.ndarray] = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            params[name] = np.ones(shape, dtype=dtype)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape, dtype=dtype)
+        else:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            params[name] = (rng.standard_normal(shape) * std).astype(dtype, copy=False)
+    return params
+
+
+def validate_params(params: dict[str, np.ndarray], config: GPT2Config) -> np.dtype:
+    """Check ``params`` against the schema of ``config``; return their common float dtype.
+
+    Raises ``ValueError`` naming the missing/unexpected keys, a wrong shape (with both shapes) or a
+    mixed/unsupported dtype.
+    """
+    expected = param_shapes(config)
+    missing = [k for k in expected if k not in params]
+    unexpected = [k for k in params if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:6])}"
+                f"{' ...' if len(unexpected) > 6 else ''}"
+            )
+        raise ValueError("parameters do not match the config: " + "; ".join(parts))
+    dtypes = set()
+    for name, shape in expected.items():
+        arr = params[name]
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"parameter {name!r} has shape {tuple(arr.shape)}, the config expects {shape}")
+        dtypes.add(np.dtype(arr.dtype))
+    if len(dtypes) != 1:
+        raise ValueError(f"parameters mix dtypes {sorted(str(d) for d in dtypes)}; use one of float32/float64")
+    dtype = dtypes.pop()
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"parameters must be float32 or float64, got {dtype}")
+    return dtype
