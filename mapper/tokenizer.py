@@ -1,0 +1,142 @@
+"""GPT-2's byte-level BPE tokenizer (tiktoken's ``gpt2`` encoding, 50,257 ids, ``<|endoftext|>`` = 50256).
+
+Where the BPE ranks come from, first match wins:
+
+1. the ``path`` argument, else the ``GPT2_TOKENIZER_PATH`` environment variable: a ``gpt2.tiktoken`` file,
+   or a directory holding ``gpt2.tiktoken`` or OpenAI's original ``vocab.bpe`` + ``encoder.json``;
+2. ``tiktoken.get_encoding("gpt2")``, which downloads the files once and caches them
+   (``TIKTOKEN_CACHE_DIR``).
+
+Local files are checked against the sha256 hashes tiktoken itself expects, so a local file and a download
+give the same ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import tiktoken
+
+TOKENIZER_PATH_ENV = "GPT2_TOKENIZER_PATH"
+
+# sha256 of the published files (the hashes tiktoken_ext/openai_public.py checks downloads against).
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+_ENDOFTEXT = "<|endoftext|>"
+_N_VOCAB = 50257
+
+
+class TokenizerError(RuntimeError):
+    """The GPT-2 tokenizer files could not be found, downloaded or verified."""
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None = None) -> tiktoken.Encoding:
+    """GPT-2's tokenizer as a ``tiktoken.Encoding``: ``encode(str) -> list[int]`` ids in [0, 50257).
+
+    ``path`` (else ``$GPT2_TOKENIZER_PATH``): a ``gpt2.tiktoken`` file or a directory holding
+    ``gpt2.tiktoken`` or ``vocab.bpe`` + ``encoder.json``. Without either, tiktoken's own download/cache.
+    Raises ``TokenizerError`` when nothing serves or a file's hash is wrong.
+    """
+    if path is None:
+        path = os.environ.get(TOKENIZER_PATH_ENV) or None
+    if path is not None:
+        return _encoding(_ranks_from_path(Path(path)))
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline shows up as requests, OSError or ValueError alike
+        raise TokenizerError(
+            f"could not get the GPT-2 tokenizer: tiktoken's download failed ({type(e).__name__}: {e}). "
+            f"Either point load_tokenizer(path=...) or the {TOKENIZER_PATH_ENV} environment variable at a "
+            "'gpt2.tiktoken' file or at a directory holding 'gpt2.tiktoken' or 'vocab.bpe' + 'encoder.json', "
+            "or give this machine internet access once so tiktoken can download and cache the files "
+            "(its cache directory is $TIKTOKEN_CACHE_DIR)."
+        ) from e
+
+
+def _encoding(mergeable_ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    # Imported here: tiktoken_ext is a namespace package whose plugins tiktoken discovers lazily.
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=mergeable_ranks,
+        special_tokens={_ENDOFTEXT: _N_VOCAB - 1},
+        explicit_n_vocab=_N_VOCAB,
+    )
+
+
+def _ranks_from_path(path: Path) -> dict[bytes, int]:
+    if path.is_file():
+        return _ranks_from_tiktoken_file(path)
+    if path.is_dir():
+        if (path / "gpt2.tiktoken").is_file():
+            return _ranks_from_tiktoken_file(path / "gpt2.tiktoken")
+        if (path / "vocab.bpe").is_file() and (path / "encoder.json").is_file():
+            return _ranks_from_openai_files(path / "vocab.bpe", path / "encoder.json")
+        raise TokenizerError(
+            f"tokenizer directory {path} holds neither 'gpt2.tiktoken' nor both 'vocab.bpe' and 'encoder.json'"
+        )
+    raise TokenizerError(
+        f"tokenizer path {path} does not exist (set by the path argument or ${TOKENIZER_PATH_ENV}); it "
+        "must be a 'gpt2.tiktoken' file or a directory holding 'gpt2.tiktoken' or "
+        "'vocab.bpe' + 'encoder.json'"
+    )
+
+
+def _read_verified(path: Path, expected_sha256: str) -> bytes:
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise TokenizerError(
+            f"{path} is not GPT-2's file: its sha256 is {actual}, expected {expected_sha256} "
+            "(a different or corrupted file would silently give different token ids)"
+        )
+    return data
+
+
+def _ranks_from_tiktoken_file(path: Path) -> dict[bytes, int]:
+    # Format: one "<base64 token bytes> <rank>" per line.
+    ranks: dict[bytes, int] = {}
+    for line in _read_verified(path, GPT2_TIKTOKEN_SHA256).splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """OpenAI's printable stand-in character for each byte -> the byte.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, 0x7F-0xA0, 0xAD)
+    are mapped, in byte order, to U+0100, U+0101, ...
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    decoder = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in decoder.values()]
+    decoder.update({chr(256 + i): b for i, b in enumerate(others)})
+    return decoder
+
+
+def _ranks_from_openai_files(vocab_bpe: Path, encoder_json: Path) -> dict[bytes, int]:
+    byte_of = _gpt2_byte_decoder()
+
+    def to_bytes(token: str) -> bytes:
+        return bytes(byte_of[ch] for ch in token)
+
+    encoder = json.loads(_read_verified(encoder_json, ENCODER_JSON_SHA256))
+    ranks = {to_bytes(tok): rank for tok, rank in encoder.items() if tok != _ENDOFTEXT}
+    # tiktoken merges by rank, so rank order must equal merge priority: merge i (vocab.bpe line i+1,
+    # after the version line) creates token 256 + i. The hashes make this hold; check it anyway, it is cheap.
+    merges = _read_verified(vocab_bpe, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
+    for i, merge in enumerate(merges):
+        left, right = merge.split()
+        if ranks.get(to_bytes(left) + to_bytes(right)) != 256 + i:
+            raise TokenizerError(f"{vocab_bpe} and {encoder_json} disagree at merge {i} ({merge!r})")
+    return ranks
