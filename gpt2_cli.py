@@ -143,7 +143,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
         logits, loss = model(torch.from_numpy(tokens).to(device), torch.from_numpy(targets).to(device))
         loss.backward()
         results[attention] = (logits.detach().cpu().numpy(), float(loss.detach()), torch_canonical_grads(model))
-        print(f"  torch {attention}: forward + backward in {time.perf_counter() - start:.1f} s, loss {results[attention][1]:.6f}")
+        elapsed = time.perf_counter() - start
+        print(f"  torch {attention}: forward + backward in {elapsed:.1f} s, loss {results[attention][1]:.6f}")
         del model, logits, loss
 
     tol = TOLERANCES[args.dtype]
