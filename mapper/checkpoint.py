@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from mapper.config import PRESETS, ConfigError, GPT2Config
+from mapper.layouts import ATTENTION_LAYOUTS, from_module_state, to_module_state
 from mapper.schema import param_shapes, validate_params
 
 
@@ -48,6 +49,7 @@ _SAFETENSORS_ITEMSIZE = {
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 _SAFETENSORS_CODE = {np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
+_LAYOUT_KEY = "gpt2_layout"  # metadata / config.json field naming a torch-module layout (custom or fused)
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger "length" means this is not one
 
 
@@ -129,6 +131,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[GPT2Config, dict[str,
         if fmt == "safetensors":
             file = p / "model.safetensors" if p.is_dir() else p
             raw = _safetensors_source(file)
+            layout = _safetensors_metadata(file).get(_LAYOUT_KEY)
+            if layout is not None:
+                return _load_module_layout(raw, layout, file)
         elif fmt == "safetensors-sharded":
             file = p / "model.safetensors.index.json" if p.is_dir() else p
             raw = _sharded_safetensors_source(file)
@@ -326,6 +331,30 @@ def _safetensors_source(file: Path) -> dict[str, _Stored]:
     return out
 
 
+def _safetensors_metadata(file: Path) -> dict[str, str]:
+    """The ``__metadata__`` entry of a safetensors header (the file was already checked by the caller)."""
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _load_module_layout(raw: dict[str, _Stored], layout: str, file: Path) -> tuple[GPT2Config, dict[str, np.ndarray]]:
+    """A file written by ``save_checkpoint(fmt="custom" | "fused")``: module state -> canonical params."""
+    if layout not in ATTENTION_LAYOUTS:
+        raise CheckpointError(f"{file} records an unknown layout {layout!r} (expected one of {ATTENTION_LAYOUTS})")
+    config = _read_config_json(file.parent / "config.json")
+    if config is None:
+        raise CheckpointError(f"{file} is in the torch engine's {layout!r} layout and needs its config.json beside it")
+    state = {key: stored.read() for key, stored in raw.items()}
+    try:
+        params = from_module_state(state, config, layout)
+        validate_params(params, config)
+    except ValueError as e:
+        raise CheckpointError(f"{file} ({layout} layout) does not match its config.json: {e}") from None
+    return config, params
+
+
 def _safetensors_reader(
     file: Path, key: str, code: str, shape: tuple[int, ...], offset: int
 ) -> Callable[[], np.ndarray]:
@@ -443,13 +472,17 @@ def save_checkpoint(
 ) -> Path:
     """Write ``params`` (canonical schema, float32/float64) to the directory ``path``; return it.
 
+    ``fmt="hf"`` (default) is described below. ``fmt="custom"`` / ``"fused"`` writes the torch engine's module
+    state instead (``mapper.layouts``; nn.Linear ``[out, in]`` matrices, split or fused q/k/v), with the layout
+    in the safetensors metadata and config.json (``"gpt2_layout"``); ``load_checkpoint`` reads it back.
+
     Writes ``model.safetensors`` in Hugging Face's names and layout (``transformer.`` prefix on the body,
     ``lm_head.weight`` only when untied, ``score.weight`` transposed to nn.Linear's [n_classes, C] plus our
     ``score.bias``), metadata ``{"format": "pt"}``, and ``config.json``; each file atomically (temp file in
     the same directory, fsync, rename), so a crash leaves the old file or the new one, never half of one.
     """
-    if fmt != "hf":
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; the only writer is 'hf' (safetensors)")
+    if fmt not in ("hf", *ATTENTION_LAYOUTS):
+        raise CheckpointError(f"unknown checkpoint layout {fmt!r}; choose 'hf', 'custom' or 'fused'")
     directory = Path(path)
     try:
         validate_params(params, config)
@@ -460,15 +493,22 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
 
     tensors: dict[str, np.ndarray] = {}
-    for name in param_shapes(config):
-        if name == "score.weight":
-            tensors[name] = params[name].T  # canonical [C, n_classes] -> nn.Linear [n_classes, C]
-        elif name in ("lm_head.weight", "score.bias"):
-            tensors[name] = params[name]
-        else:
-            tensors[_HF_PREFIX + name] = params[name]
-    _atomic_write(directory / "model.safetensors", lambda f: _write_safetensors(f, tensors, {"format": "pt"}))
-    config_bytes = (json.dumps(config.to_hf_dict(), indent=2) + "\n").encode()
+    metadata = {"format": "pt"}
+    config_dict = config.to_hf_dict()
+    if fmt == "hf":
+        for name in param_shapes(config):
+            if name == "score.weight":
+                tensors[name] = params[name].T  # canonical [C, n_classes] -> nn.Linear [n_classes, C]
+            elif name in ("lm_head.weight", "score.bias"):
+                tensors[name] = params[name]
+            else:
+                tensors[_HF_PREFIX + name] = params[name]
+    else:  # the torch engine's own module state; the layout is recorded so the loader can undo it
+        tensors = to_module_state(params, config, fmt)
+        metadata[_LAYOUT_KEY] = fmt
+        config_dict[_LAYOUT_KEY] = fmt
+    _atomic_write(directory / "model.safetensors", lambda f: _write_safetensors(f, tensors, metadata))
+    config_bytes = (json.dumps(config_dict, indent=2) + "\n").encode()
     _atomic_write(directory / "config.json", lambda f: f.write(config_bytes))
     return directory
 
