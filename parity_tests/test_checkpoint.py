@@ -347,7 +347,7 @@ def test_save_rejects_bad_input(tmp_path: Path) -> None:
     params = random_params(TINY, "float32")
     with pytest.raises(CheckpointError, match="cannot save .*missing 1 key"):
         save_checkpoint({k: v for k, v in params.items() if k != "ln_f.bias"}, TINY, tmp_path / "a")
-    with pytest.raises(CheckpointError, match="unknown checkpoint format 'openai'"):
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout 'openai'"):
         save_checkpoint(params, TINY, tmp_path / "b", fmt="openai")
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
