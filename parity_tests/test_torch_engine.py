@@ -1,0 +1,381 @@
+"""The torch engine against independent sources: transformers' reference outputs, full recomputation,
+a hand-written sampling loop, closed-form AdamW, and one layout against the other.
+
+The fixture weights are read straight from ``hf_tiny/model.safetensors`` (not through mapper's loader)
+so these tests do not depend on the checkpoint code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+from mapper import GPT2Config, param_shapes
+from mapper.layouts import ATTENTION_LAYOUTS, from_module_state
+from mapper.sampling import TokenSelector
+from parity_tests.conftest import FIXTURES
+from torch_gpt2 import GPT2, configure_adamw, lr_at, train_step
+
+EOS = 96  # the fixture's eos_token_id (= V - 1)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return np.load(FIXTURES / "hf_tiny_reference.npz", allow_pickle=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(config, float32 params, float64 params) of the fixture model, HF's ``transformer.`` prefix stripped."""
+    config = GPT2Config.from_hf_dict(json.loads((FIXTURES / "hf_tiny" / "config.json").read_text()))
+    raw = load_file(FIXTURES / "hf_tiny" / "model.safetensors")
+    params32 = {name.removeprefix("transformer."): value for name, value in raw.items()}
+    return config, params32, {k: v.astype(np.float64) for k, v in params32.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny64_models(tiny):
+    config, _, params64 = tiny
+    return {a: GPT2.from_params(params64, config, a, device="cpu") for a in ATTENTION_LAYOUTS}
+
+
+def shifted_targets(tokens: np.ndarray) -> torch.Tensor:
+    """labels=input_ids convention: position t predicts token t+1; the last position predicts nothing (-100)."""
+    targets = np.full_like(tokens, -100)
+    targets[:, :-1] = tokens[:, 1:]
+    return torch.from_numpy(targets).long()
+
+
+def random_params(config: GPT2Config, seed: int) -> dict[str, np.ndarray]:
+    """Float64 weights scaled like the fixture's (0.3 randn, LN gains 1 + 0.1 randn): logits far from uniform."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+        params[name] = (1.0 if gain else 0.0) + (0.1 if gain else 0.3) * rng.standard_normal(shape)
+    return params
+
+
+small_configs = st.builds(
+    lambda n_head, hs, n_layer, V, P: GPT2Config(vocab_size=V, n_positions=P, n_embd=n_head * hs,
+                                                 n_layer=n_layer, n_head=n_head),
+    st.integers(1, 3), st.integers(2, 4), st.integers(1, 2), st.integers(5, 30), st.integers(2, 12),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- against transformers' outputs
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+@pytest.mark.parametrize("attention", ATTENTION_LAYOUTS)
+def test_logits_loss_and_activations_float64(tiny, reference, attention, attn_impl):
+    config, _, params64 = tiny
+    model = GPT2.from_params(params64, config, attention, device="cpu", attn_impl=attn_impl)
+    assert model.dtype == torch.float64
+    for i in range(3):
+        tokens = reference[f"tokens_{i}"]
+        with torch.no_grad():
+            logits, loss = model(torch.from_numpy(tokens), shifted_targets(tokens))
+            lnf = model.hidden_states(torch.from_numpy(tokens))
+        np.testing.assert_allclose(logits.numpy(), reference[f"logits64_{i}"], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(lnf.numpy(), reference[f"lnf64_{i}"], rtol=0, atol=1e-10)
+        assert abs(loss.item() - float(reference[f"loss64_{i}"])) <= 1e-12
+
+
+@pytest.mark.parametrize("attention", ATTENTION_LAYOUTS)
+@pytest.mark.parametrize("grad_enabled", [False, True], ids=["no_grad-onednn", "autograd-F.linear"])
+def test_logits_and_loss_float32(tiny, reference, attention, grad_enabled):
+    config, params32, _ = tiny
+    model = GPT2.from_params(params32, config, attention, device="cpu")
+    assert model.dtype == torch.float32
+    for i in range(3):
+        tokens = reference[f"tokens_{i}"]
+        with torch.set_grad_enabled(grad_enabled):
+            logits, loss = model(torch.from_numpy(tokens), shifted_targets(tokens))
+        np.testing.assert_allclose(logits.detach().numpy(), reference[f"logits32_{i}"], rtol=1e-5, atol=1e-5)
+        assert abs(loss.item() - float(reference[f"loss64_{i}"])) <= 1e-5
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+@pytest.mark.parametrize("attention", ATTENTION_LAYOUTS)
+def test_every_gradient_float64(tiny, reference, attention, attn_impl):
+    """Gradients of loss64_2; the tied wte collects both the embedding and the LM-head contribution."""
+    config, _, params64 = tiny
+    model = GPT2.from_params(params64, config, attention, device="cpu", attn_impl=attn_impl)
+    tokens = reference["tokens_2"]
+    _, loss = model(torch.from_numpy(tokens), shifted_targets(tokens))
+    loss.backward()
+    module_grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
+    grads = from_module_state(module_grads, config, attention)  # back to canonical names and [in, out]
+    assert len(grads) == 28
+    for name, grad in grads.items():
+        ref = reference[f"grad64_transformer.{name}"]
+        assert np.abs(grad - ref).max() <= 1e-9 * np.abs(ref).max(), name
+
+
+@pytest.mark.parametrize("attention", ATTENTION_LAYOUTS)
+def test_greedy_generation_matches_transformers(tiny, reference, tiny64_models, attention):
+    config, params32, _ = tiny
+    model = tiny64_models[attention]
+    prompt = reference["generate_greedy_prompt"]  # [[3, 14, 15]]
+    steps = list(model.generate_stream(prompt, 20, output_logits=True))
+    np.testing.assert_allclose(np.concatenate([logits for _, logits in steps]),
+                               reference["generate_greedy_step_logits64"], rtol=0, atol=1e-10)
+    out = model.generate(prompt, 20)  # numpy in -> numpy out
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, reference["generate_greedy_out"])
+    out = model.generate(torch.from_numpy(prompt), 20, eos_token_id=EOS)  # tensor in -> tensor out
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), reference["generate_greedy_eos_out"])
+    assert model.generate(prompt[0].tolist(), 20, eos_token_id=EOS) == reference["generate_greedy_eos_out"][0].tolist()
+    model32 = GPT2.from_params(params32, config, attention, device="cpu")
+    np.testing.assert_array_equal(model32.generate(prompt, 20), reference["generate_greedy_out"])
+
+
+def test_untied_head_and_classifier(tiny, reference):
+    """lm_head / score read the final hidden state transformers computed (lnf64): logits = lnf @ W.T."""
+    config, _, params64 = tiny
+    rng = np.random.default_rng(0)
+    extra = {"lm_head.weight": rng.standard_normal((97, 16)), "score.weight": rng.standard_normal((16, 3)),
+             "score.bias": rng.standard_normal(3)}
+    model = GPT2.from_params({**params64, **extra}, config.replace(tie_word_embeddings=False, n_classes=3))
+    tokens = reference["tokens_1"]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tokens)).cpu().numpy()
+        classes = model.classify(torch.from_numpy(tokens)).cpu().numpy()
+    lnf = reference["lnf64_1"]
+    np.testing.assert_allclose(logits, lnf @ extra["lm_head.weight"].T, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(classes, lnf[:, -1] @ extra["score.weight"] + extra["score.bias"], rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- decoding against full recomputation
+
+
+def reference_decode(model: GPT2, prompts: np.ndarray, n: int, **sampling) -> tuple[np.ndarray, list[np.ndarray]]:
+    """No cache: every step re-runs the whole sequence and hands the last logits to TokenSelector."""
+    selector = TokenSelector(prompts.shape[0], **sampling)
+    seq, step_logits = prompts.astype(np.int64), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.from_numpy(seq))[:, -1].double().cpu().numpy()
+        step_logits.append(logits)
+        seq = np.concatenate([seq, selector.step(logits)[:, None]], axis=1)
+        if selector.done:
+            break
+    return seq, step_logits
+
+
+@settings(deadline=None)
+@given(config=small_configs, data=st.data())
+def test_kv_cache_decoding_equals_full_recomputation(config, data):
+    """Greedy and seeded sampling: same logits each step (float64) and the same tokens, both layouts."""
+    seed = data.draw(st.integers(0, 2**16), "seed")
+    T = data.draw(st.integers(1, config.n_positions - 1), "T")
+    n = data.draw(st.integers(1, config.n_positions - T), "n")
+    B = data.draw(st.integers(1, 3), "B")
+    sampling = dict(
+        temperature=data.draw(st.sampled_from([0.0, 0.7, 1.5]), "temperature"),
+        top_k=data.draw(st.none() | st.integers(1, config.vocab_size), "top_k"),
+        top_p=data.draw(st.none() | st.floats(0.05, 1.0), "top_p"),
+        eos_token_id=data.draw(st.none() | st.integers(0, config.vocab_size - 1), "eos"),
+        seed=seed,
+    )
+    prompts = np.random.default_rng(seed).integers(0, config.vocab_size, (B, T))
+    params = random_params(config, seed)
+    for attention in ATTENTION_LAYOUTS:
+        model = GPT2.from_params(params, config, attention, device="cpu")
+        expected, expected_logits = reference_decode(model, prompts, n, **sampling)
+        steps = list(model.generate_stream(torch.from_numpy(prompts), n, **sampling, output_logits=True))
+        assert len(steps) == len(expected_logits)
+        for (_, logits), want in zip(steps, expected_logits, strict=True):
+            np.testing.assert_allclose(logits, want, rtol=0, atol=1e-10)
+        out = model.generate(torch.from_numpy(prompts), n, **sampling)
+        np.testing.assert_array_equal(out.numpy(), expected)
+
+
+@pytest.fixture(scope="module")
+def ragged_model():
+    config = GPT2Config(vocab_size=23, n_positions=16, n_embd=12, n_layer=2, n_head=3)
+    return GPT2.from_params(random_params(config, 7), config, "custom", device="cpu")
+
+
+@settings(deadline=None)
+@given(
+    prompts=st.lists(st.lists(st.integers(0, 22), min_size=1, max_size=7), min_size=1, max_size=4),
+    n=st.integers(1, 8),
+    eos=st.none() | st.integers(0, 22),
+)
+def test_ragged_batch_equals_one_row_at_a_time(ragged_model, prompts, n, eos):
+    """Left padding, masks and per-row positions: each row decodes as if it were alone."""
+    batch = ragged_model.generate(prompts, n, eos_token_id=eos)
+    batch_logits = [logits for _, logits in ragged_model.generate_stream(prompts, n, eos_token_id=eos,
+                                                                         output_logits=True)]
+    assert isinstance(batch, list) and len(batch) == len(prompts)
+    for b, prompt in enumerate(prompts):
+        alone = ragged_model.generate(prompt, n, eos_token_id=eos)  # list of ids in, list out
+        assert batch[b][: len(alone)] == alone
+        assert all(t == eos for t in batch[b][len(alone):])  # finished early alone: EOS padding in the batch
+        alone_logits = [logits for _, logits in ragged_model.generate_stream([prompt], n, eos_token_id=eos,
+                                                                             output_logits=True)]
+        for step, logits in enumerate(alone_logits):
+            np.testing.assert_allclose(batch_logits[step][b], logits[0], rtol=0, atol=1e-10)
+
+
+def test_streaming_callback_sees_every_step(tiny64_models):
+    model = tiny64_models["fused"]
+    seen: list[np.ndarray] = []
+    out = model.generate([[3, 14], [15, 92, 6]], 6, temperature=1.0, seed=3, on_token=seen.append)
+    stream = list(model.generate_stream([[3, 14], [15, 92, 6]], 6, temperature=1.0, seed=3))
+    assert len(seen) == len(stream) == 6
+    for a, b in zip(seen, stream, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert out == [[3, 14] + [int(s[0]) for s in seen], [15, 92, 6] + [int(s[1]) for s in seen]]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors_name_the_numbers(tiny64_models):
+    model = tiny64_models["fused"]
+    with pytest.raises(ValueError, match=r"\[0, 97\).*max 97"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="min -1"):
+        model(torch.tensor([[-1, 5]]))
+    with pytest.raises(ValueError, match="33 exceeds.*n_positions=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"prompt length 30 \+ max_new_tokens 5 = 35 exceeds.*n_positions=32"):
+        model.generate([1] * 30, 5)
+    with pytest.raises(ValueError, match=r"prompt length 31 \+ max_new_tokens 2"):
+        model.generate([[1], [2] * 31], 2)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[1, 2], []], 2)
+    with pytest.raises(ValueError, match="no prompts|empty"):
+        model.generate([], 2)
+    with pytest.raises(ValueError, match=r"\[0, 97\).*prompt 0 has min 1, max 200"):
+        model.generate([[1, 200]], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([1, 2], -1)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([1, 2], 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate([1, 2], 2, eos_token_id=97)
+    with pytest.raises(ValueError, match="attn_impl"):
+        GPT2(model.config, attn_impl="flash")
+    with pytest.raises(ValueError, match="attention layout"):
+        GPT2(model.config, attention="split")
+    assert model.generate([1, 2], 0) == [1, 2]
+
+
+# ---------------------------------------------------------------- compile, autocast, devices
+
+
+def test_compiled_forward_equals_eager(tiny, reference):
+    """The forward traces as one graph (aot_eager backend: tracing without the slow C++ build)."""
+    config, params32, _ = tiny
+    model = GPT2.from_params(params32, config, device="cpu")
+    tokens = torch.from_numpy(reference["tokens_1"])
+    eager_logits, eager_loss = model(tokens, shifted_targets(reference["tokens_1"]))
+    model.enable_compile(backend="aot_eager", fullgraph=True)
+    logits, loss = model(tokens, shifted_targets(reference["tokens_1"]))
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    assert model.wte.weight.grad is not None and abs(loss.item() - eager_loss.item()) < 1e-6
+
+
+def test_bf16_autocast_on_cpu(tiny, reference):
+    config, params32, _ = tiny
+    model = GPT2.from_params(params32, config, device="cpu", autocast_dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(reference["tokens_1"]))
+    assert logits.dtype == torch.bfloat16
+    np.testing.assert_allclose(logits.float().numpy(), reference["logits32_1"], atol=0.1)  # bf16: ~3 digits
+    out = model.generate([[3, 14, 15], [7]], 5)
+    assert [len(row) for row in out] == [8, 6]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ATTENTION_LAYOUTS)
+def test_cuda_float32_and_bf16(tiny, reference, attention):
+    config, params32, params64 = tiny
+    model = GPT2.from_params(params32, config, attention)  # device auto -> cuda
+    assert model.device.type == "cuda"
+    tokens = torch.from_numpy(reference["tokens_1"]).cuda()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(tokens).cpu().numpy(), reference["logits32_1"], rtol=1e-4, atol=1e-4)
+    model64 = GPT2.from_params(params64, config, attention)
+    np.testing.assert_array_equal(model64.generate(reference["generate_greedy_prompt"], 20),
+                                  reference["generate_greedy_out"])
+    model.set_autocast(torch.bfloat16)
+    out = model.generate(tokens[:, :4], 8)
+    assert out.shape == (2, 12) and out.device.type == "cuda"
+
+
+# ---------------------------------------------------------------- training utilities
+
+
+def test_adamw_groups_and_first_step_closed_form(tiny, reference):
+    """Step 1 of AdamW: m_hat = g, v_hat = g^2, so p <- p (1 - lr wd) - lr g / (|g| + eps) exactly."""
+    config, _, params64 = tiny
+    model = GPT2.from_params(params64, config, "custom", device="cpu")
+    lr, wd, eps = 1e-2, 0.1, 1e-8
+    opt = configure_adamw(model, lr=lr, weight_decay=wd, betas=(0.9, 0.95), eps=eps)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    named = dict(model.named_parameters())
+    # custom layout: 16 tensors per block (q, k, v separately)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named) == 2 + 2 * 16 + 2
+    assert decayed == {id(p) for p in named.values() if p.dim() >= 2}
+    assert opt.defaults["foreach"] is False and opt.defaults["fused"] is False
+    before = {n: p.detach().clone() for n, p in named.items()}
+    tokens = reference["tokens_1"]
+    stats = train_step(model, opt, [(torch.from_numpy(tokens), shifted_targets(tokens))], grad_clip=None)
+    for name, p in named.items():
+        g = p.grad
+        decay = wd if p.dim() >= 2 else 0.0
+        expected = before[name] * (1 - lr * decay) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-15)
+    assert abs(stats["loss"] - float(reference["loss64_1"])) < 1e-12
+
+
+def test_gradient_accumulation_and_clipping(tiny, reference):
+    """Two micro-batches of one row each step exactly like one batch of both rows (equal target counts)."""
+    config, _, params64 = tiny
+    tokens, targets = torch.from_numpy(reference["tokens_1"]), shifted_targets(reference["tokens_1"])
+    results = []
+    for micro in ([(tokens, targets)], [(tokens[:1], targets[:1]), (tokens[1:], targets[1:])]):
+        model = GPT2.from_params(params64, config, device="cpu")
+        opt = configure_adamw(model, lr=1.0, weight_decay=0.1)
+        stats = train_step(model, opt, micro, lr=3e-3, grad_clip=0.05)
+        grad_norm_after = math.sqrt(sum(float((p.grad**2).sum()) for p in model.parameters()))
+        results.append((stats, grad_norm_after, model.to_params()))
+    (full, clipped_full, params_full), (accum, _, params_accum) = results
+    assert abs(full["loss"] - float(reference["loss64_1"])) < 1e-12 and abs(accum["loss"] - full["loss"]) < 1e-12
+    assert abs(accum["grad_norm"] - full["grad_norm"]) < 1e-12 * full["grad_norm"]
+    assert full["grad_norm"] > 0.05 and abs(clipped_full - 0.05) < 1e-6 and full["lr"] == 3e-3
+    for name in params_full:
+        np.testing.assert_allclose(params_accum[name], params_full[name], rtol=0, atol=1e-13, err_msg=name)
+
+
+def test_learning_rate_schedule():
+    kw = dict(max_lr=1e-3, warmup_steps=10, total_steps=110, min_lr=1e-4)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)  # (0 + 1) / 10 of max
+    assert lr_at(9, **kw) == pytest.approx(1e-3)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)  # cosine starts at the top
+    assert lr_at(60, **kw) == pytest.approx(5.5e-4)  # halfway: the mean of max and min
+    assert lr_at(85, **kw) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(0.75 * math.pi)) / 2)
+    assert lr_at(110, **kw) == lr_at(5000, **kw) == 1e-4
+    decay = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    with pytest.raises(ValueError):
+        lr_at(-1, **kw)

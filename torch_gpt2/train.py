@@ -1,0 +1,99 @@
+"""Training utilities for the torch engine: AdamW groups, the learning-rate schedule, one optimizer step.
+
+Kept deliberately small; the pretraining loop (data, checkpoints, DDP) is built on these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+
+def configure_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings (dim >= 2) only, never on biases or LayerNorm gains.
+
+    On the CPU it is the single-tensor implementation (``foreach=False, fused=False``), whose formulas the
+    NumPy spec's AdamW follows to float64 precision; on CUDA the fused kernel.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    decay = {name for name, p in params.items() if p.dim() >= 2}
+    no_decay = {name for name, p in params.items() if p.dim() < 2}
+    # minGPT's guard: every trainable parameter in exactly one group
+    if decay & no_decay or decay | no_decay != set(params):
+        missing = set(params) - decay - no_decay
+        raise AssertionError(f"parameters in both groups: {decay & no_decay}; in none: {missing}")
+    on_cuda = all(p.device.type == "cuda" for p in params.values())
+    groups = [
+        {"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False, fused=on_cuda)
+
+
+def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Learning rate of 0-based ``step``: linear warm-up, then cosine decay to ``min_lr`` at ``total_steps``.
+
+    warm-up (step < W):      max_lr * (step + 1) / W
+    decay (W <= step < N):   min_lr + (max_lr - min_lr) * (1 + cos(pi * (step - W) / (N - W))) / 2
+    after (step >= N):       min_lr
+    """
+    if warmup_steps < 0 or total_steps < 0 or step < 0:
+        raise ValueError(f"step {step}, warmup_steps {warmup_steps} and total_steps {total_steps} must be >= 0")
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    lr: float | None = None,
+    grad_clip: float | None = 1.0,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One optimizer step over gradient-accumulated micro-batches of (tokens [B, T], targets [B, T]).
+
+    Each micro-batch's mean loss is divided by their number before ``backward``, so the gradient is that
+    of the mean of micro-batch losses (the full batch's mean when the micro-batches count the same number
+    of targets). Then the global gradient norm is clipped to ``grad_clip`` (None: not clipped) and the
+    optimizer steps with ``lr`` (None: keep the groups' lr). ``scaler`` is needed for fp16 autocast.
+    Returns {"loss": mean micro-batch loss, "grad_norm": norm before clipping, "lr": lr used}.
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    for tokens, targets in micro_batches:
+        _, loss = model(tokens, targets)
+        scaled = loss / len(micro_batches)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total_loss += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return {
+        "loss": float(total_loss) / len(micro_batches),
+        "grad_norm": float(grad_norm),
+        "lr": float(optimizer.param_groups[0]["lr"]),
+    }
