@@ -52,12 +52,12 @@ def per_token_seconds(generate: Callable[[int], object], new_tokens: int) -> flo
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attention", choices=("fused", "custom"), default="fused")
-    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default 64)")
+    parser.add_argument("--prompt-len", type=int, default=8, help="prompt length; prefill is not counted (default 8)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating ours/HF repeats (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--attention", choices=("fused", "custom"), default="fused", help="our layout (default fused)")
+    parser.add_argument("--preset", default="gpt2", help="model shape, random weights (default gpt2 = 124M)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
 
