@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 # "ci" keeps the whole suite within CI's budget on 2 cores; "thorough" is for local, longer runs:
 #   HYPOTHESIS_PROFILE=thorough pytest
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    "ci", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.register_profile(
     "thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
