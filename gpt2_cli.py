@@ -106,14 +106,6 @@ TOLERANCES = {
 }
 
 
-def torch_canonical_grads(model) -> dict[str, np.ndarray]:
-    """The torch module's .grad tensors re-laid out into the canonical schema (a linear map, like the weights)."""
-    from mapper.layouts import from_module_state
-
-    state = {n: p.grad.detach().cpu().numpy() for n, p in model.named_parameters()}
-    return from_module_state(state, model.config, model.attention)
-
-
 def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
@@ -142,7 +134,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
                                  attn_impl="math" if args.dtype == "float64" else "sdpa")
         logits, loss = model(torch.from_numpy(tokens).to(device), torch.from_numpy(targets).to(device))
         loss.backward()
-        results[attention] = (logits.detach().cpu().numpy(), float(loss.detach()), torch_canonical_grads(model))
+        results[attention] = (logits.detach().cpu().numpy(), float(loss.detach()), model.grads_to_params())
         elapsed = time.perf_counter() - start
         print(f"  torch {attention}: forward + backward in {elapsed:.1f} s, loss {results[attention][1]:.6f}")
         del model, logits, loss

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import numpy_gpt2
 from mapper import GPT2Config, init_params
-from mapper.layouts import from_module_state
 from torch_gpt2 import GPT2, configure_adamw, train_step
 
 LAYOUTS = ("custom", "fused")
@@ -66,9 +65,7 @@ def torch_loss_and_grads(model: GPT2, tokens: np.ndarray, targets: np.ndarray):
     model.zero_grad(set_to_none=True)
     logits, loss = model(torch.from_numpy(tokens), torch.from_numpy(targets))
     loss.backward()
-    grads = from_module_state(
-        {n: p.grad.numpy() for n, p in model.named_parameters()}, model.config, model.attention
-    )
+    grads = model.grads_to_params()
     return logits.detach().numpy(), float(loss.detach()), grads
 
 

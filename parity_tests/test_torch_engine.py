@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from mapper import GPT2Config, param_shapes
-from mapper.layouts import ATTENTION_LAYOUTS, from_module_state
+from mapper.layouts import ATTENTION_LAYOUTS
 from mapper.sampling import TokenSelector
 from parity_tests.conftest import FIXTURES
 from torch_gpt2 import GPT2, configure_adamw, lr_at, train_step
@@ -112,8 +112,7 @@ def test_every_gradient_float64(tiny, reference, attention, attn_impl):
     tokens = reference["tokens_2"]
     _, loss = model(torch.from_numpy(tokens), shifted_targets(tokens))
     loss.backward()
-    module_grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
-    grads = from_module_state(module_grads, config, attention)  # back to canonical names and [in, out]
+    grads = model.grads_to_params()  # back to canonical names and [in, out]
     assert len(grads) == 28
     for name, grad in grads.items():
         ref = reference[f"grad64_transformer.{name}"]

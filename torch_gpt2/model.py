@@ -246,8 +246,23 @@ class GPT2(nn.Module):
 
     def to_params(self) -> dict[str, np.ndarray]:
         """The canonical NumPy parameters (float64 stays float64; float32, bf16 and fp16 become float32)."""
+        return self._to_canonical(self.state_dict())
+
+    def grads_to_params(self) -> dict[str, np.ndarray]:
+        """The parameters' ``.grad`` in the canonical schema (names, [in, out] orientation, c_attn fused).
+
+        The layout conversion is linear, so gradients map exactly like the weights they belong to.
+        Raises ``ValueError`` if a parameter has no gradient (call ``backward`` first).
+        """
+        missing = [name for name, p in self.named_parameters() if p.grad is None]
+        if missing:
+            raise ValueError(f"no gradient for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+                             "run loss.backward() first")
+        return self._to_canonical({name: p.grad for name, p in self.named_parameters()})
+
+    def _to_canonical(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         state = {}
-        for name, tensor in self.state_dict().items():
+        for name, tensor in tensors.items():
             t = tensor.detach().cpu()
             state[name] = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
         return from_module_state(state, self.config, self.attention)
