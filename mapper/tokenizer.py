@@ -3,12 +3,14 @@
 Where the BPE ranks come from, first match wins:
 
 1. the ``path`` argument, else the ``GPT2_TOKENIZER_PATH`` environment variable: a ``gpt2.tiktoken`` file,
-   or a directory holding ``gpt2.tiktoken`` or OpenAI's original ``vocab.bpe`` + ``encoder.json``;
-2. ``tiktoken.get_encoding("gpt2")``, which downloads the files once and caches them
-   (``TIKTOKEN_CACHE_DIR``).
+   OpenAI's original ``vocab.bpe`` or ``encoder.json`` (with its partner beside it), or a directory holding
+   ``gpt2.tiktoken`` or ``vocab.bpe`` + ``encoder.json``;
+2. the copy of OpenAI's ranks shipped inside this package (``mapper/assets/gpt2.tiktoken``, 835 KB, the file
+   tiktoken downloads, MIT-licensed by OpenAI), so the tokenizer works offline out of the box;
+3. ``tiktoken.get_encoding("gpt2")``, which downloads the files once and caches them (``TIKTOKEN_CACHE_DIR``),
+   for an installation whose packaged copy was removed.
 
-Local files are checked against the sha256 hashes tiktoken itself expects, so a local file and a download
-give the same ids.
+Every file is checked against the sha256 hash tiktoken itself expects, so each route gives the same ids.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from pathlib import Path
 
 import tiktoken
 
+from mapper.errors import TokenizerError
+
 TOKENIZER_PATH_ENV = "GPT2_TOKENIZER_PATH"
+PACKAGED_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 
 # sha256 of the published files (the hashes tiktoken_ext/openai_public.py checks downloads against).
 GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -32,31 +37,28 @@ _ENDOFTEXT = "<|endoftext|>"
 _N_VOCAB = 50257
 
 
-class TokenizerError(RuntimeError):
-    """The GPT-2 tokenizer files could not be found, downloaded or verified."""
-
-
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> tiktoken.Encoding:
-    """GPT-2's tokenizer as a ``tiktoken.Encoding``: ``encode(str) -> list[int]`` ids in [0, 50257).
+    """GPT-2's tokenizer as a ``tiktoken.Encoding`` named "gpt2": ``encode(str) -> list[int]`` ids in [0, 50257).
 
-    ``path`` (else ``$GPT2_TOKENIZER_PATH``): a ``gpt2.tiktoken`` file or a directory holding
-    ``gpt2.tiktoken`` or ``vocab.bpe`` + ``encoder.json``. Without either, tiktoken's own download/cache.
-    Raises ``TokenizerError`` when nothing serves or a file's hash is wrong.
+    ``path`` (else ``$GPT2_TOKENIZER_PATH``): a ``gpt2.tiktoken``, ``vocab.bpe`` or ``encoder.json`` file, or
+    a directory holding ``gpt2.tiktoken`` or ``vocab.bpe`` + ``encoder.json``. Without either, the packaged
+    copy; without that, tiktoken's own download/cache. Raises ``TokenizerError`` (a ``ValueError``) when
+    nothing serves or a file's hash is wrong.
     """
     if path is None:
         path = os.environ.get(TOKENIZER_PATH_ENV) or None
     if path is not None:
         return _encoding(_ranks_from_path(Path(path)))
+    if PACKAGED_RANKS.is_file():
+        return _encoding(_ranks_from_tiktoken_file(PACKAGED_RANKS))
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline shows up as requests, OSError or ValueError alike
         raise TokenizerError(
-            f"could not get the GPT-2 tokenizer: tiktoken's download failed ({type(e).__name__}: {e}). "
-            f"Either point load_tokenizer(path=...) or the {TOKENIZER_PATH_ENV} environment variable at a "
-            "'gpt2.tiktoken' file or at a directory holding 'gpt2.tiktoken' or 'vocab.bpe' + 'encoder.json', "
-            "or give this machine internet access once so tiktoken can download and cache the files "
-            "(its cache directory is $TIKTOKEN_CACHE_DIR)."
-        ) from e
+            f"no GPT-2 tokenizer: the packaged {PACKAGED_RANKS.name} is missing and tiktoken's download failed "
+            f"({type(e).__name__}). Pass a 'gpt2.tiktoken' file, or a folder holding it or 'vocab.bpe' + "
+            f"'encoder.json' (load_tokenizer(path) or ${TOKENIZER_PATH_ENV})"
+        ) from None
 
 
 def _encoding(mergeable_ranks: dict[bytes, int]) -> tiktoken.Encoding:
@@ -73,6 +75,8 @@ def _encoding(mergeable_ranks: dict[bytes, int]) -> tiktoken.Encoding:
 
 
 def _ranks_from_path(path: Path) -> dict[bytes, int]:
+    if path.is_file() and path.name in ("vocab.bpe", "encoder.json"):
+        path = path.parent  # OpenAI's two files are one tokenizer: read both from their folder
     if path.is_file():
         return _ranks_from_tiktoken_file(path)
     if path.is_dir():
@@ -81,22 +85,25 @@ def _ranks_from_path(path: Path) -> dict[bytes, int]:
         if (path / "vocab.bpe").is_file() and (path / "encoder.json").is_file():
             return _ranks_from_openai_files(path / "vocab.bpe", path / "encoder.json")
         raise TokenizerError(
-            f"tokenizer directory {path} holds neither 'gpt2.tiktoken' nor both 'vocab.bpe' and 'encoder.json'"
+            f"tokenizer folder {path} holds neither 'gpt2.tiktoken' nor both 'vocab.bpe' and 'encoder.json'"
         )
     raise TokenizerError(
-        f"tokenizer path {path} does not exist (set by the path argument or ${TOKENIZER_PATH_ENV}); it "
-        "must be a 'gpt2.tiktoken' file or a directory holding 'gpt2.tiktoken' or "
+        f"tokenizer path {path} does not exist; give a 'gpt2.tiktoken' file, or a folder holding it or "
         "'vocab.bpe' + 'encoder.json'"
     )
 
 
 def _read_verified(path: Path, expected_sha256: str) -> bytes:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e.strerror}") from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise TokenizerError(
-            f"{path} is not GPT-2's file: its sha256 is {actual}, expected {expected_sha256} "
-            "(a different or corrupted file would silently give different token ids)"
+            f"{path} is not GPT-2's {path.name if path.name in ('vocab.bpe', 'encoder.json') else 'gpt2.tiktoken'}: "
+            f"its sha256 is {actual[:12]}..., expected {expected_sha256[:12]}... (a different or corrupted file "
+            "would silently give different token ids)"
         )
     return data
 

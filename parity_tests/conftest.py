@@ -1,11 +1,10 @@
-"""Shared test settings: hypothesis profiles and the location of ../shared (offline assets)."""
+"""Shared test settings: hypothesis profiles and the location of the fixtures (parity_tests/fixtures)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 # "ci" keeps the whole suite within CI's budget on 2 cores and is derandomized, so a CI run is repeatable;
@@ -15,12 +14,8 @@ settings.register_profile("ci", max_examples=50, derandomize=True, **COMMON)
 settings.register_profile("thorough", max_examples=200, **COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-SHARED = Path(os.environ.get("GPT2_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURES = SHARED / "fixtures"
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"offline assets not found at {SHARED}; set GPT2_SHARED_DIR to the shared/ folder")
-    return SHARED
+# Tiny GPT-2 checkpoints in every format and the outputs transformers computed from them;
+# fixtures/make_fixtures.py regenerates them (fixtures/README.md).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
