@@ -31,14 +31,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from mapper.config import PRESETS, ConfigError, GPT2Config
+from mapper import tf_checkpoint
+from mapper.config import PRESETS, GPT2Config
+from mapper.errors import CheckpointError, ConfigError
 from mapper.layouts import ATTENTION_LAYOUTS, from_module_state, to_module_state
-from mapper.schema import param_shapes, validate_params
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written; the message says which file, key and shapes."""
-
+from mapper.schema import describe_key_mismatch, param_shapes, validate_params
 
 # Buffers, not parameters: the causal mask (``attn.bias`` [1, 1, P, P]) and the mask fill value
 # (``attn.masked_bias``). Matched on the whole key: ``h.0.attn.c_attn.bias`` also ends in "attn.bias".
@@ -191,17 +188,10 @@ def _assemble(
     missing = [k for k in expected if k not in stored and k not in optional]
     unexpected = [stored[k].key for k in stored if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"it lacks {len(missing)} key(s) the config needs: {_first(missing)}")
-        if unexpected:
-            parts.append(
-                f"it has {len(unexpected)} key(s) that are not parameters of this config: {_first(unexpected)}"
-            )
         raise CheckpointError(
             f"{origin} does not match the GPT-2 config {_describe(config)}: "
-            + "; ".join(parts)
-            + ". Check that the config (config.json or hparams.json beside the weights) belongs to them."
+            f"{describe_key_mismatch(missing, unexpected)}. Check that the config (config.json or hparams.json "
+            "beside the weights) belongs to these weights."
         )
     for name, shape in expected.items():
         if name in stored and stored[name].shape != shape:
@@ -270,10 +260,6 @@ def _describe(config: GPT2Config) -> str:
         f"(V={config.vocab_size}, P={config.n_positions}, C={config.n_embd}, L={config.n_layer}, "
         f"NH={config.n_head}, tied={config.tie_word_embeddings}, n_classes={config.n_classes})"
     )
-
-
-def _first(keys: list[str], n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
 
 
 # ----- safetensors -----
@@ -440,8 +426,6 @@ def _torch_source(file: Path) -> dict[str, _Stored]:
 
 
 def _openai_tf_source(path: Path) -> tuple[dict[str, _Stored], str, GPT2Config | None]:
-    from mapper import tf_checkpoint  # imported here: it imports CheckpointError from this module
-
     prefix = tf_checkpoint.resolve_prefix(path)
     num_shards, entries = tf_checkpoint.read_index(prefix)
     stored: dict[str, _Stored] = {}

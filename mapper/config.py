@@ -7,8 +7,12 @@ Field names follow Hugging Face's ``GPT2Config`` (``vocab_size``, ``n_positions`
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from mapper.errors import ConfigError
 
 # The four sizes OpenAI released. Parameter counts (tied head, counted once) are tested.
 PRESETS: dict[str, dict[str, int]] = {
@@ -21,10 +25,6 @@ PRESETS: dict[str, dict[str, int]] = {
 GPT2_VOCAB_SIZE = 50257
 GPT2_CONTEXT = 1024
 GPT2_EOS_TOKEN_ID = 50256
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a GPT-2 model."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,43 @@ class GPT2Config:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_spec(cls, preset: str | None = None, spec: str | None = None, **defaults: Any) -> GPT2Config:
+        """A config from a preset name and/or a spec string, as the command line gives them.
+
+        ``spec`` is a JSON file (a Hugging Face ``config.json`` or this class's fields), or overrides such as
+        ``"n_layer=2,n_embd=64"`` applied to ``preset`` (else to ``defaults``, else to the field defaults).
+        """
+        if spec and Path(spec).is_file():
+            if preset:
+                raise ConfigError(f"give either a preset ({preset!r}) or a config file ({spec}), not both")
+            try:
+                data = json.loads(Path(spec).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f"config file {spec} is not readable JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {spec} does not hold a JSON object")
+            if set(data) <= set(cls.__dataclass_fields__):
+                return cls(**data)
+            return cls.from_hf_dict(data)  # anything else is read as a Hugging Face config.json
+        fields: dict[str, Any] = {}
+        for item in (spec or "").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ConfigError(
+                    f"a config is a JSON file or key=value pairs of {', '.join(cls.__dataclass_fields__)}; "
+                    f"got {item.strip()!r}" + ("" if sep else " (no such file either)")
+                )
+            try:
+                fields[key] = json.loads(value.lower()) if value else None
+            except json.JSONDecodeError:
+                raise ConfigError(f"config value {key}={value!r} is not a number, true/false or null") from None
+        if preset:
+            return cls.from_preset(preset, **fields)
+        return cls(**{**defaults, **fields})
 
     def replace(self, **changes: Any) -> GPT2Config:
         """A copy with some fields changed (validated again)."""

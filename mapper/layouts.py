@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from mapper.config import GPT2Config
-from mapper.schema import param_shapes, validate_params
+from mapper.schema import describe_key_mismatch, param_shapes, validate_params
 
 ATTENTION_LAYOUTS = ("custom", "fused")
 
@@ -104,11 +104,8 @@ def from_module_state(state: dict[str, np.ndarray], config: GPT2Config, attentio
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ValueError(
-            f"module state does not match the {attention!r} layout of the config: "
-            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
-            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
-        )
+        raise ValueError(f"module state does not match the {attention!r} layout of the config: "
+                         + describe_key_mismatch(missing, unexpected))
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise ValueError(f"module state {name!r} has shape {tuple(state[name].shape)}, expected {shape}")

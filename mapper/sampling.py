@@ -23,14 +23,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def validate_sampling_args(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
-    """Raise ``ValueError`` for a temperature < 0, top_k < 1 or top_p outside (0, 1]."""
+def validate_sampling_args(
+    temperature: float | None, top_k: int | None, top_p: float | None, names: dict[str, str] | None = None
+) -> None:
+    """Raise ``ValueError`` for a temperature < 0, top_k < 1 or top_p outside (0, 1].
+
+    ``names`` renames the arguments in the message (a command line passes {"top_p": "--top-p", ...}).
+    """
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", **(names or {})}
     if temperature is not None and not (np.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"{names['temperature']} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        raise ValueError(f"{names['top_k']} must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise ValueError(f"{names['top_p']} must be in (0, 1], got {top_p!r}")
 
 
 def filtered_probabilities(

@@ -87,6 +87,20 @@ def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.fl
     return params
 
 
+def describe_key_mismatch(missing: list[str], unexpected: list[str], shown: int = 6) -> str:
+    """The one wording of a key mismatch: "missing 2 key(s): a, b; unexpected 1 key(s): c" (long lists cut)."""
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {first(unexpected)}")
+    return "; ".join(parts)
+
+
 def validate_params(params: dict[str, np.ndarray], config: GPT2Config) -> np.dtype:
     """Check ``params`` against the schema of ``config``; return their common float dtype.
 
@@ -97,15 +111,7 @@ def validate_params(params: dict[str, np.ndarray], config: GPT2Config) -> np.dty
     missing = [k for k in expected if k not in params]
     unexpected = [k for k in params if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            parts.append(
-                f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:6])}"
-                f"{' ...' if len(unexpected) > 6 else ''}"
-            )
-        raise ValueError("parameters do not match the config: " + "; ".join(parts))
+        raise ValueError("parameters do not match the config: " + describe_key_mismatch(missing, unexpected))
     dtypes = set()
     for name, shape in expected.items():
         arr = params[name]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapper.checkpoint import CheckpointError
+from mapper.errors import CheckpointError
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_SIZE = 48  # two varint block handles padded to 40 bytes + the 8-byte magic

@@ -7,7 +7,6 @@ The reference for every fixture is ``hf_tiny/model.safetensors`` read by the saf
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import BinaryIO
@@ -23,10 +22,8 @@ from mapper import checkpoint
 from mapper.checkpoint import CheckpointError, detect_format, load_checkpoint, save_checkpoint
 from mapper.config import GPT2Config
 from mapper.schema import param_shapes
+from parity_tests.conftest import FIXTURES
 
-# ../shared beside the checkout; GPT2_SHARED_DIR overrides it (as in conftest.py).
-SHARED = Path(os.environ.get("GPT2_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURES = SHARED / "fixtures"
 TINY = GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4)
 
 transformers.logging.set_verbosity_error()
@@ -268,14 +265,14 @@ def test_config_inferred_from_shapes(tmp_path: Path) -> None:
 def test_missing_key(tmp_path: Path) -> None:
     tensors = hf_layout(reference_params())
     del tensors["transformer.h.1.mlp.c_fc.bias"]
-    with pytest.raises(CheckpointError, match=r"lacks 1 key\(s\) the config needs: h\.1\.mlp\.c_fc\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\): h\.1\.mlp\.c_fc\.bias"):
         load_checkpoint(write_dir(tmp_path, tensors, TINY.to_hf_dict()))
 
 
 def test_unexpected_key(tmp_path: Path) -> None:
     tensors = hf_layout(reference_params()) | {"transformer.h.0.attn.q_proj.weight": np.zeros((16, 16), np.float32)}
     with pytest.raises(
-        CheckpointError, match=r"not parameters of this config: transformer\.h\.0\.attn\.q_proj\.weight"
+        CheckpointError, match=r"unexpected 1 key\(s\): transformer\.h\.0\.attn\.q_proj\.weight"
     ):
         load_checkpoint(write_dir(tmp_path, tensors, TINY.to_hf_dict()))
 
@@ -283,7 +280,7 @@ def test_unexpected_key(tmp_path: Path) -> None:
 def test_layer_count_disagreeing_with_config(tmp_path: Path) -> None:
     tensors = hf_layout(reference_params())
     config = TINY.replace(n_layer=3).to_hf_dict()
-    with pytest.raises(CheckpointError, match=r"lacks 12 key\(s\).*h\.2\.ln_1\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing 12 key\(s\): h\.2\.ln_1\.weight.* and 6 more"):
         load_checkpoint(write_dir(tmp_path, tensors, config))
 
 
