@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import statistics
@@ -10,28 +9,9 @@ import time
 from collections.abc import Callable
 
 from mapper.config import GPT2Config
+from numpy_gpt2.runtime import keep_freed_memory
 
-# glibc mallopt parameter ids (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-
-
-def keep_freed_memory() -> bool:
-    """Keep glibc from handing freed memory back to the OS between steps.
-
-    Without this every large NumPy temporary (100+ MB at GPT-2 124M scale) is a fresh mmap that is
-    page-faulted on first touch; measured here at 10-40 % system time in a NumPy training step. The same
-    effect as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... set before the process starts. Returns False
-    where glibc is not available (the benchmark still runs).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40) == 1
-    ok &= libc.mallopt(_M_TOP_PAD, 256 << 20) == 1
-    return bool(ok)
-
+__all__ = ["forward_flops", "keep_freed_memory", "machine", "median", "pin_threads", "timed", "train_step_flops"]
 
 def pin_threads(n: int) -> dict[str, int]:
     """Fix BLAS/OpenMP thread counts (NumPy's OpenBLAS via threadpoolctl, torch via set_num_threads)."""

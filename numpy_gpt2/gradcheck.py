@@ -8,15 +8,12 @@ with O(h^4) truncation and O(eps_machine / h) rounding error; h = 1e-4 keeps bot
 (The two-point (L(p+h) - L(p-h)) / 2h has O(h^2) truncation, which tiny models with strongly curved
 LayerNorms - n_embd = 2 - push past 1e-6.)
 
-The error reported for a tensor is
+The error reported for a tensor is ``mapper.parity.scaled_error`` over the checked entries,
 
     max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|, floor)
 
-over the checked entries: the worst deviation relative to the tensor's gradient scale (a plain
-per-entry ratio blows up on entries that are zero up to rounding). ``floor`` = 1e-4 because rounding
-alone puts ~|L| * 1e-16 / h ~ 1e-12 |L| of noise on every numerical derivative, more on the strongly
-curved tiny models the tests draw: a tensor whose gradients are all below 1e-4 is compared absolutely,
-at 1e-4 times the tolerance (1e-10 for a relative tolerance of 1e-6).
+with the floor of ``mapper.parity.FINITE_DIFFERENCES`` (1e-4: rounding alone puts ~1e-12 |L| of noise on every
+numerical derivative, so a tensor whose gradients are all below 1e-4 is compared absolutely).
 """
 
 from __future__ import annotations
@@ -26,15 +23,8 @@ from collections.abc import Callable
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.parity import FINITE_DIFFERENCES, scaled_error
 from numpy_gpt2.model import loss, loss_and_grads
-
-GRADIENT_FLOOR = 1e-4
-
-
-def relative_error(analytic: np.ndarray, numeric: np.ndarray, floor: float = GRADIENT_FLOOR) -> float:
-    """max |a - n| / max(max |a|, max |n|, floor) over all entries."""
-    scale = max(float(np.abs(analytic).max(initial=0.0)), float(np.abs(numeric).max(initial=0.0)), floor)
-    return float(np.abs(analytic - numeric).max(initial=0.0)) / scale
 
 
 def numeric_gradient(f: Callable[[], float], x: np.ndarray, indices: np.ndarray, h: float = 1e-4) -> np.ndarray:
@@ -85,5 +75,5 @@ def check_model_gradients(
             idx = np.arange(p.size)
         else:
             idx = np.unique(np.append(rng.choice(p.size, entries_per_tensor, replace=False), np.argmax(np.abs(g))))
-        errors[name] = relative_error(g[idx], numeric_gradient(f, p, idx, h))
+        errors[name] = scaled_error(g[idx], numeric_gradient(f, p, idx, h), FINITE_DIFFERENCES.floor)
     return errors

@@ -8,57 +8,29 @@
     (with an untied head: ln_f(x) @ lm_head.T)
 
 Parameters: the canonical dict of ``mapper.schema`` (Conv1D [in, out] weights). Their dtype decides the
-arithmetic (float32 or float64).
+arithmetic (float32 or float64). Every public function takes ``fast``: False runs the spec ops of
+``numpy_gpt2/ops.py``, True the measured speed-ups of ``numpy_gpt2/fast.py`` (same results up to rounding).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 from mapper.config import GPT2Config
-from mapper.schema import validate_params
+from mapper.schema import BLOCK_PARAMS, validate_params
+from mapper.tokens import check_targets, check_tokens
 from numpy_gpt2 import ops
 
-# ------------------------------------------------------------------------------------------------------
-# input checks: every bad input is a ValueError that names the numbers; nothing is clipped silently
-# ------------------------------------------------------------------------------------------------------
 
+def kernels(fast: bool) -> ModuleType:
+    """The module whose ``*_forward`` / ``*_backward`` functions the model calls: the spec or the fast path."""
+    if not fast:
+        return ops
+    from numpy_gpt2 import fast as fast_ops
 
-def check_tokens(tokens: np.ndarray, config: GPT2Config, name: str = "tokens", pos0: int = 0) -> np.ndarray:
-    """Return ``tokens`` as an int64 [B, T] array after checking dtype, shape, range and length."""
-    arr = np.asarray(tokens)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must have shape [B, T], got shape {arr.shape}")
-    B, T = arr.shape
-    if B == 0 or T == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if pos0 + T > config.n_positions:
-        raise ValueError(
-            f"sequence of length {pos0 + T} exceeds the model's context of n_positions={config.n_positions}"
-        )
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= config.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {config.vocab_size})")
-    return arr.astype(np.int64, copy=False)
-
-
-def check_targets(targets: np.ndarray, tokens: np.ndarray, config: GPT2Config) -> np.ndarray:
-    """Targets: integer [B, T] like ``tokens``; each id in [0, V) or -100 (ignored)."""
-    arr = np.asarray(targets)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"targets must be an integer array, got dtype {arr.dtype}")
-    if arr.shape != tokens.shape:
-        raise ValueError(f"targets have shape {arr.shape}, tokens have shape {tokens.shape}; they must match")
-    bad = (arr != ops.IGNORE_INDEX) & ((arr < 0) | (arr >= config.vocab_size))
-    if bad.any():
-        raise ValueError(
-            f"targets hold id {int(arr[bad][0])}, outside the vocabulary [0, {config.vocab_size}) "
-            f"and not the ignore index {ops.IGNORE_INDEX}"
-        )
-    return arr.astype(np.int64, copy=False)
+    return fast_ops
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -73,56 +45,50 @@ def block_forward(
     config: GPT2Config,
     kv_cache: tuple[np.ndarray, np.ndarray] | None = None,
     pos0: int = 0,
+    fast: bool = False,
 ) -> tuple[np.ndarray, tuple]:
     """x [B, T, C] -> x [B, T, C] through block ``i`` (pre-LN attention, then pre-LN MLP)."""
-    p = f"h.{i}."
+    k = kernels(fast)
+    p = {name: params[f"h.{i}.{name}"] for name in BLOCK_PARAMS}
     eps = config.layer_norm_epsilon
-    ln1, c_ln1 = ops.layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"], eps)
-    qkv, c_qkv = ops.linear_forward(ln1, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"])  # [B,T,3C]
-    att, c_att = ops.attention_forward(qkv, config.n_head, kv_cache, pos0)  # [B,T,C]
-    proj, c_proj = ops.linear_forward(att, params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"])
-    x1, _ = ops.residual_forward(x, proj)
-    ln2, c_ln2 = ops.layernorm_forward(x1, params[p + "ln_2.weight"], params[p + "ln_2.bias"], eps)
-    fc, c_fc = ops.linear_forward(ln2, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])  # [B,T,4C]
-    act, c_gelu = ops.gelu_forward(fc)
-    mlp, c_mlp = ops.linear_forward(act, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])  # [B,T,C]
-    x2, _ = ops.residual_forward(x1, mlp)
-    return x2, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp)
+    ln1, cache_ln1 = k.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [B,T,C]
+    qkv, cache_qkv = k.linear_forward(ln1, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # [B,T,3C]
+    att, cache_att = k.attention_forward(qkv, config.n_head, kv_cache, pos0)  # [B,T,C]
+    proj, cache_proj = k.linear_forward(att, p["attn.c_proj.weight"], p["attn.c_proj.bias"])  # [B,T,C]
+    x1, _ = k.residual_forward(x, proj)  # [B,T,C]
+    ln2, cache_ln2 = k.layernorm_forward(x1, p["ln_2.weight"], p["ln_2.bias"], eps)  # [B,T,C]
+    fc, cache_fc = k.linear_forward(ln2, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # [B,T,4C]
+    act, cache_gelu = k.gelu_forward(fc)  # [B,T,4C]
+    mlp, cache_mlp = k.linear_forward(act, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # [B,T,C]
+    x2, _ = k.residual_forward(x1, mlp)  # [B,T,C]
+    return x2, (cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp)
 
 
-def block_backward(dx2: np.ndarray, cache: tuple, grads: dict[str, np.ndarray], i: int) -> np.ndarray:
-    """dx2 [B, T, C] -> dx [B, T, C]; writes block ``i``'s parameter gradients into ``grads``."""
-    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp = cache
-    p = f"h.{i}."
-
-    def g(*names: str) -> tuple[np.ndarray, ...]:
-        return tuple(grads[p + n] for n in names)
-
+def block_backward(dx2: np.ndarray, cache: tuple, i: int, fast: bool = False) -> tuple[np.ndarray, dict]:
+    """dx2 [B, T, C] -> (dx [B, T, C], the gradients of block ``i``'s parameters keyed by canonical name)."""
+    k = kernels(fast)
+    cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp = cache
+    g: dict[str, np.ndarray] = {}
     # x2 = x1 + mlp
-    (dx1, dmlp), _ = ops.residual_backward(dx2, None)
-    dact, _ = ops.linear_backward(dmlp, c_mlp, out=g("mlp.c_proj.weight", "mlp.c_proj.bias"))
-    dfc, _ = ops.gelu_backward(dact, c_gelu)
-    dln2, _ = ops.linear_backward(dfc, c_fc, out=g("mlp.c_fc.weight", "mlp.c_fc.bias"))
-    dx1_ln, _ = ops.layernorm_backward(dln2, c_ln2, out=g("ln_2.weight", "ln_2.bias"))
-    dx1 = dx1 + dx1_ln  # x1 feeds both the residual and ln_2: the two gradients add
+    (dx1, dmlp), _ = k.residual_backward(dx2, ())
+    dact, (g["mlp.c_proj.weight"], g["mlp.c_proj.bias"]) = k.linear_backward(dmlp, cache_mlp)
+    dfc, _ = k.gelu_backward(dact, cache_gelu)
+    dln2, (g["mlp.c_fc.weight"], g["mlp.c_fc.bias"]) = k.linear_backward(dfc, cache_fc)
+    dx1_ln2, (g["ln_2.weight"], g["ln_2.bias"]) = k.layernorm_backward(dln2, cache_ln2)
+    dx1 = dx1 + dx1_ln2  # x1 feeds both the residual and ln_2: the two gradients add
     # x1 = x + proj
-    (dx, dproj), _ = ops.residual_backward(dx1, None)
-    datt, _ = ops.linear_backward(dproj, c_proj, out=g("attn.c_proj.weight", "attn.c_proj.bias"))
-    dqkv, _ = ops.attention_backward(datt, c_att)
-    dln1, _ = ops.linear_backward(dqkv, c_qkv, out=g("attn.c_attn.weight", "attn.c_attn.bias"))
-    dx_ln, _ = ops.layernorm_backward(dln1, c_ln1, out=g("ln_1.weight", "ln_1.bias"))
-    dx += dx_ln  # x feeds both the residual and ln_1 (dx is dx1's buffer, no longer needed)
-    return dx
+    (dx, dproj), _ = k.residual_backward(dx1, ())
+    datt, (g["attn.c_proj.weight"], g["attn.c_proj.bias"]) = k.linear_backward(dproj, cache_proj)
+    dqkv, _ = k.attention_backward(datt, cache_att)
+    dln1, (g["attn.c_attn.weight"], g["attn.c_attn.bias"]) = k.linear_backward(dqkv, cache_qkv)
+    dx_ln1, (g["ln_1.weight"], g["ln_1.bias"]) = k.layernorm_backward(dln1, cache_ln1)
+    dx = dx + dx_ln1  # x feeds both the residual and ln_1
+    return dx, {f"h.{i}.{name}": grad for name, grad in g.items()}
 
 
 # ------------------------------------------------------------------------------------------------------
 # the whole model
 # ------------------------------------------------------------------------------------------------------
-
-
-def head_weight(params: dict[str, np.ndarray]) -> np.ndarray:
-    """The LM head as an [in, out] = [C, V] matrix: wte.T when tied, lm_head.T when untied (views)."""
-    return params.get("lm_head.weight", params["wte.weight"]).T
 
 
 def model_forward(
@@ -133,90 +99,83 @@ def model_forward(
     kv_caches: list[tuple[np.ndarray, np.ndarray]] | None = None,
     pos0: int = 0,
     last_only: bool = False,
+    fast: bool = False,
 ) -> tuple[np.ndarray, tuple | None]:
     """tokens [B, T] (checked) -> logits [B, T, V] (or [B, 1, V] with ``last_only``), plus caches for backward.
 
     ``kv_caches``: one (K, V) pair of [B, NH, T_max, hs] arrays per layer for incremental decoding,
-    with this call's tokens at positions pos0.. pos0+T-1.
+    with this call's tokens at positions pos0 .. pos0+T-1.
     """
-    x, c_emb = ops.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
+    k = kernels(fast)
+    x, cache_emb = k.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
     block_caches = []
     for i in range(config.n_layer):
-        x, c_block = block_forward(x, params, i, config, None if kv_caches is None else kv_caches[i], pos0)
+        x, cache_block = block_forward(x, params, i, config, None if kv_caches is None else kv_caches[i], pos0, fast)
         if keep_caches:
-            block_caches.append(c_block)
+            block_caches.append(cache_block)
     if last_only:
-        x = x[:, -1:]  # only the next-token prediction is needed when decoding
-    h, c_lnf = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
-    # logits = h @ wte.T: a linear layer whose [in, out] weight is wte.T, no bias   [B,T,C] -> [B,T,V]
-    logits, c_head = ops.linear_forward(h, head_weight(params), None)
-    caches = (c_emb, block_caches, c_lnf, c_head) if keep_caches else None
+        x = x[:, -1:]  # decoding needs only the next-token prediction
+    h, cache_lnf = k.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
+    head = params.get("lm_head.weight", params["wte.weight"])  # [V,C]: wte when tied
+    logits, cache_head = k.lm_head_forward(h, head)  # logits = h @ head.T   [B,T,C] -> [B,T,V]
+    caches = (cache_emb, block_caches, cache_lnf, cache_head) if keep_caches else None
     return logits, caches
 
 
 def model_backward(
-    dlogits: np.ndarray, caches: tuple, params: dict[str, np.ndarray], config: GPT2Config, grads: dict[str, np.ndarray]
+    dlogits: np.ndarray, caches: tuple, params: dict[str, np.ndarray], config: GPT2Config, fast: bool = False
 ) -> dict[str, np.ndarray]:
-    """dlogits [B, T, V] -> gradients of every parameter, written into ``grads`` (same keys as params)."""
-    c_emb, block_caches, c_lnf, c_head = caches
-    tied = "lm_head.weight" not in params
-    dwte = grads["wte.weight"]
-    dhead = dwte if tied else grads["lm_head.weight"]
-    # logits = h @ head.T  ->  dh = dlogits @ head,  dhead.T = h.T @ dlogits (the first write into dwte)
-    dh, _ = ops.linear_backward(dlogits, c_head, out=(dhead.T, None))
-    dx, _ = ops.layernorm_backward(dh, c_lnf, out=(grads["ln_f.weight"], grads["ln_f.bias"]))
+    """dlogits [B, T, V] -> the gradient of every parameter, keyed and ordered like ``params``."""
+    k = kernels(fast)
+    cache_emb, block_caches, cache_lnf, cache_head = caches
+    grads: dict[str, np.ndarray] = {}
+    dh, (dhead,) = k.lm_head_backward(dlogits, cache_head)  # dhead [V,C]
+    dx, (grads["ln_f.weight"], grads["ln_f.bias"]) = k.layernorm_backward(dh, cache_lnf)
     for i in reversed(range(config.n_layer)):
-        dx = block_backward(dx, block_caches[i], grads, i)
-    if not tied:
-        dwte[...] = 0.0
-    grads["wpe.weight"][...] = 0.0
-    # x = wte[tokens] + wpe[...]: accumulates into dwte on top of the head's contribution (tied weights)
-    ops.embedding_backward(dx, c_emb, out=(dwte, grads["wpe.weight"]))
-    return grads
+        dx, block_grads = block_backward(dx, block_caches[i], i, fast)
+        grads.update(block_grads)
+    # x = wte[tokens] + wpe[positions]
+    _, (dwte, grads["wpe.weight"]) = k.embedding_backward(dx, cache_emb)
+    if "lm_head.weight" in params:
+        grads["wte.weight"], grads["lm_head.weight"] = dwte, dhead
+    else:
+        grads["wte.weight"] = dwte + dhead  # the tied matrix is used twice: both gradients add
+    return {name: grads[name] for name in params}
 
 
-def forward(params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray) -> np.ndarray:
+def forward(params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, fast: bool = False) -> np.ndarray:
     """Logits [B, T, V] for int tokens [B, T] (dtype of the parameters)."""
     validate_params(params, config)
     tokens = check_tokens(tokens, config)
-    logits, _ = model_forward(params, config, tokens)
+    logits, _ = model_forward(params, config, tokens, fast=fast)
     return logits
 
 
-def loss(params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, targets: np.ndarray) -> float:
+def loss(
+    params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, targets: np.ndarray, fast: bool = False
+) -> float:
     """Mean cross-entropy of ``targets`` [B, T] (already shifted; -100 ignored), forward only."""
     validate_params(params, config)
     tokens = check_tokens(tokens, config)
-    targets = check_targets(targets, tokens, config)
-    logits, _ = model_forward(params, config, tokens)
-    return ops.softmax_cross_entropy_forward(logits, targets)[0]
-
-
-def empty_grads(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Gradient buffers shaped like ``params``, to pass to ``loss_and_grads(grads=...)`` step after step."""
-    return {k: np.empty_like(v) for k, v in params.items()}
+    targets = check_targets(targets, tokens.shape, config)
+    logits, _ = model_forward(params, config, tokens, fast=fast)
+    return kernels(fast).softmax_cross_entropy_forward(logits, targets)[0]
 
 
 def loss_and_grads(
-    params: dict[str, np.ndarray],
-    config: GPT2Config,
-    tokens: np.ndarray,
-    targets: np.ndarray,
-    grads: dict[str, np.ndarray] | None = None,
+    params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, targets: np.ndarray, fast: bool = False
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross-entropy of ``targets`` [B, T] (already shifted; -100 ignored) and its gradient.
 
-    Returns ``(loss, grads)`` with a gradient for every parameter (the tied ``wte`` gets the head's and
-    the embedding's contributions). ``grads`` may be a dict from ``empty_grads`` to reuse (overwritten).
+    Returns ``(loss, grads)`` with a gradient for every parameter, keyed like ``params`` (the tied ``wte``
+    gets the LM head's and the embedding's contributions).
     """
     validate_params(params, config)
     tokens = check_tokens(tokens, config)
-    targets = check_targets(targets, tokens, config)
-    logits, caches = model_forward(params, config, tokens, keep_caches=True)
-    mean_loss, c_loss = ops.softmax_cross_entropy_forward(logits, targets)
-    del logits  # the loss cache holds the probabilities; the backward reuses that buffer
-    dlogits = ops.softmax_cross_entropy_backward(c_loss)
-    if grads is None:
-        grads = empty_grads(params)
-    model_backward(dlogits, caches, params, config, grads)
-    return mean_loss, grads
+    targets = check_targets(targets, tokens.shape, config)
+    k = kernels(fast)
+    logits, caches = model_forward(params, config, tokens, keep_caches=True, fast=fast)
+    mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, targets)
+    del logits  # the loss cache keeps what the backward needs
+    dlogits = k.softmax_cross_entropy_backward(cache_loss)
+    return mean_loss, model_backward(dlogits, caches, params, config, fast)

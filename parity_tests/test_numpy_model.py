@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+import torch
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import numpy_gpt2
@@ -161,8 +162,7 @@ def test_untied_head_gets_its_own_gradient():
 def test_kv_cache_decoding_equals_full_recomputation(model, n_new):
     config, B, T, seed = model
     n_new = min(n_new, config.n_positions - T)
-    if n_new == 0:
-        return
+    assume(n_new > 0)  # a prompt that fills the context leaves nothing to decode
     rng = np.random.default_rng(seed)
     params = perturbed_params(config, seed)
     sequence = rng.integers(0, config.vocab_size, (B, T + n_new))
@@ -184,8 +184,7 @@ def test_sampling_follows_full_recomputation(model, seed, temperature, top_k, to
 
     config, B, T, model_seed = model
     n_new = config.n_positions - T
-    if n_new == 0:
-        return
+    assume(n_new > 0)
     params = perturbed_params(config, model_seed, scale=1.0)
     prompt = np.random.default_rng(model_seed).integers(0, config.vocab_size, (B, T))
     out = numpy_gpt2.generate(
@@ -228,7 +227,6 @@ def test_generate_is_reproducible_for_a_seed():
 
 
 def test_adamw_matches_torch_over_steps():
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((40, 30)), "b": rng.standard_normal(30), "e": rng.standard_normal((7, 3))}
     tparams = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
@@ -237,7 +235,7 @@ def test_adamw_matches_torch_over_steps():
         [{"params": decay, "weight_decay": 0.1}, {"params": [tparams["b"]], "weight_decay": 0.0}],
         lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False,
     )
-    opt = numpy_gpt2.AdamW(params, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, chunk=64, threads=2)
+    opt = numpy_gpt2.AdamW(params, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step in range(6):
         grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
         for k, t in tparams.items():
@@ -267,7 +265,6 @@ def test_trainer_reduces_loss_and_refuses_nan():
 
 
 def test_clip_grad_norm_matches_torch():
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
     grads = {"a": rng.standard_normal((5, 4)), "b": rng.standard_normal(3)}
     tensors = [torch.tensor(v.copy(), requires_grad=True) for v in grads.values()]

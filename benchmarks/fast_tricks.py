@@ -1,0 +1,117 @@
+"""What each speed trick of ``numpy_gpt2/fast.py`` buys on the GPT-2 124M shape.
+
+    python -m benchmarks.fast_tricks [--preset gpt2] [--repeats 15] [--threads 2] [--json OUT]
+
+Whole-model timings on this shared machine move by 10% between runs, more than a trick is worth, so each
+trick is timed where it acts: its spec op (forward and backward) against its fast op, alternating, on exactly
+the arrays the workload feeds it, times the number of calls per step. Its gain is that time saved as a fraction
+of the fast path's whole step, also measured here. Workloads: forward B=1 T=1024 and a train step B=4 T=64
+(forward + backward + AdamW). ``numpy_gpt2/fast.py`` keeps a trick only if it buys >= ~3% on a workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import numpy as np
+
+import numpy_gpt2
+from benchmarks.common import keep_freed_memory, machine, pin_threads, timed
+from mapper import GPT2Config, init_params
+from numpy_gpt2 import fast, ops
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, timed alternately after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def op_pair(module, forward: str, backward: str, args: tuple, dy: np.ndarray | None, **kw) -> Callable[[], object]:
+    """One forward of ``module``'s op and, when ``dy`` is given, its backward."""
+
+    def run() -> object:
+        y, cache = getattr(module, forward)(*args, **kw)
+        return y if dy is None else getattr(module, backward)(dy, cache)
+
+    return run
+
+
+def time_adamw(params: dict[str, np.ndarray], repeats: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Median seconds of one spec AdamW step and one FastAdamW step, each on its own copy of the parameters."""
+    grads = {k: (1e-3 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in params.items()}
+    spec_params = {k: v.copy() for k, v in params.items()}
+    fast_params = {k: v.copy() for k, v in params.items()}
+    spec_opt = numpy_gpt2.AdamW(spec_params, lr=1e-5, weight_decay=0.1)
+    fast_opt = fast.FastAdamW(fast_params, lr=1e-5, weight_decay=0.1)
+    return alternate(lambda: spec_opt.step(spec_params, grads), lambda: fast_opt.step(fast_params, grads), repeats)
+
+
+def run(preset: str, repeats: int) -> dict:
+    config = GPT2Config.from_preset(preset)
+    C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size  # noqa: N806
+    rng = np.random.default_rng(0)
+    params = init_params(config, seed=0, dtype=np.float32)
+    f32 = np.float32
+
+    # whole workloads on the fast path, to express each gain as a share of them
+    tokens = rng.integers(0, V, (1, min(1024, config.n_positions)))
+    data = rng.integers(0, V, (4, 65))
+    trainer = numpy_gpt2.Trainer(params, config, fast.FastAdamW(params, lr=1e-5, weight_decay=0.1), fast=True)
+    workloads = {
+        "forward B=1 T=1024": (lambda: numpy_gpt2.forward(params, config, tokens, fast=True), tokens.shape, False),
+        "train step B=4 T=64": (lambda: trainer.step(data[:, :-1], data[:, 1:]), (4, 64), True),
+    }
+    results: dict = {}
+    for name, (work, (B, T), backward) in workloads.items():
+        work()
+        whole = statistics.median([timed(work) for _ in range(max(3, repeats // 3))])
+        qkv = (0.5 * rng.standard_normal((B, T, 3 * C))).astype(f32)
+        up_att = rng.standard_normal((B, T, C)).astype(f32) if backward else None
+        tricks = {"attention in query blocks": (L, "attention_forward", "attention_backward", (qkv, NH), up_att)}
+        rows = {"whole_step_fast_s": whole}
+        for trick, (calls, fwd, bwd, args, dy) in tricks.items():
+            spec_s, fast_s = alternate(op_pair(ops, fwd, bwd, args, dy), op_pair(fast, fwd, bwd, args, dy), repeats)
+            rows[trick] = {"spec_s": calls * spec_s, "fast_s": calls * fast_s,
+                           "gain": calls * (spec_s - fast_s) / whole}
+        if backward:
+            spec_s, fast_s = time_adamw(params, repeats, rng)
+            rows["chunked threaded AdamW"] = {"spec_s": spec_s, "fast_s": fast_s, "gain": (spec_s - fast_s) / whole}
+        results[name] = rows
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="gpt2", help="model shape, random weights (default gpt2 = 124M)")
+    parser.add_argument("--repeats", type=int, default=15, help="alternating repeats per trick (default 15)")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    tuned = keep_freed_memory()
+    threads = pin_threads(args.threads)
+    results = run(args.preset, args.repeats)
+    m = machine()
+    print(f"{m['cpu']}, {m['logical_cpus']} CPUs, numpy {m['numpy']}, threads {threads}, malloc tuned {tuned}; "
+          f"medians of {args.repeats} alternating repeats")
+    for workload, rows in results.items():
+        print(f"\n{workload}: whole step on the fast path {rows['whole_step_fast_s']:.3f} s")
+        for trick, r in rows.items():
+            if trick != "whole_step_fast_s":
+                print(f"  {trick:<34} spec {1e3 * r['spec_s']:8.1f} ms  fast {1e3 * r['fast_s']:8.1f} ms  "
+                      f"-> buys {r['gain']:6.1%} of the step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": m, "threads": threads, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
