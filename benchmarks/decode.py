@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,11 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=True, do_sample=False,
                            max_new_tokens=n, eos_token_id=None, pad_token_id=0)
 
+    print(f"decode benchmark: warming up ({args.repeats} timed repeats follow)", file=sys.stderr, flush=True)
     same_tokens = bool(torch.equal(run_ours(args.new_tokens), run_hf(args.new_tokens)))  # also warms up
     ours_s, hf_s = [], []
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
         ours_s.append(per_token_seconds(run_ours, args.new_tokens))
         hf_s.append(per_token_seconds(run_hf, args.new_tokens))
+        print(f"  repeat {i + 1}/{args.repeats}: ours {1e3 * ours_s[-1]:.1f} ms/token, "
+              f"HF {1e3 * hf_s[-1]:.1f} ms/token", file=sys.stderr, flush=True)
     ours_ms, hf_ms = 1e3 * statistics.median(ours_s), 1e3 * statistics.median(hf_s)
     result = {
         "benchmark": "decode, batch 1, greedy, KV cache, float32, CPU",

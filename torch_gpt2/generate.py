@@ -21,6 +21,7 @@ import torch
 
 from mapper.config import GPT2Config
 from mapper.sampling import TokenSelector
+from mapper.tokens import check_generation, check_tokens
 
 if TYPE_CHECKING:
     from torch_gpt2.model import GPT2
@@ -73,22 +74,11 @@ def _as_rows(tokens: Any) -> tuple[list[list[int]], str, bool]:
                      f"{type(tokens).__name__}")
 
 
-def _check_rows(rows: list[list[int]], config: GPT2Config, max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not rows:
-        raise ValueError("no prompts given (batch of size 0)")
-    V, P = config.vocab_size, config.n_positions
+def _check_rows(rows: list[list[int]], config: GPT2Config, max_new_tokens: int, eos_token_id: int | None) -> None:
+    """The shared checks (:mod:`mapper.tokens`): lengths against the context, then every id, on the host."""
+    check_generation([len(row) for row in rows], max_new_tokens, config, eos_token_id)
     for b, row in enumerate(rows):
-        if not row:
-            raise ValueError(f"prompt {b} is empty; every prompt needs at least one token")
-        lo, hi = min(row), max(row)
-        if lo < 0 or hi >= V:
-            raise ValueError(f"token ids must lie in [0, {V}) (vocab_size={V}); prompt {b} has min {lo}, max {hi}")
-    T = max(len(row) for row in rows)
-    if T + max_new_tokens > P:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds "
-                         f"the model's context n_positions={P}")
+        check_tokens(np.array([row]), config, name=f"prompt {b}")
 
 
 def padding_mask(real: torch.Tensor, start: int, n_queries: int) -> torch.Tensor:
@@ -159,9 +149,7 @@ def generate_stream(
     ``max_new_tokens`` steps or once every row has emitted ``eos_token_id``.
     """
     rows, _, _ = _as_rows(tokens)
-    _check_rows(rows, model.config, max_new_tokens)
-    if eos_token_id is not None and not (_is_int(eos_token_id) and 0 <= eos_token_id < model.config.vocab_size):
-        raise ValueError(f"eos_token_id must be an id in [0, {model.config.vocab_size}), got {eos_token_id!r}")
+    _check_rows(rows, model.config, max_new_tokens, eos_token_id)
     selector = TokenSelector(len(rows), temperature, top_k, top_p, eos_token_id, seed)
     return _decode(model, rows, max_new_tokens, selector, output_logits)
 

@@ -27,69 +27,86 @@ import torch.nn.functional as F
 from mapper.config import GPT2Config
 from mapper.layouts import check_attention_layout, from_module_state, to_module_state
 from mapper.schema import init_params, validate_params
+from mapper.tokens import IGNORE_INDEX, check_targets, check_token_shape, check_tokens
 from torch_gpt2.generate import KVCache, generate, generate_stream
+from torch_gpt2.onednn import linear
 
 ATTN_IMPLS = ("sdpa", "math")
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-IGNORE_INDEX = -100  # targets equal to this are left out of the loss (F.cross_entropy's default)
 
 
 def resolve_device(device: str | torch.device | None, dtype: torch.dtype = torch.float32) -> torch.device:
-    """``None`` picks cuda, then mps (not for float64, which MPS lacks), then cpu; anything else is used as is."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if dtype != torch.float64 and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``None`` picks cuda, then mps (not for float64, which MPS lacks), then cpu.
 
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias: x [..., in], weight [out, in] (nn.Linear layout) -> [..., out].
-
-    Without autograd, for float32 on the CPU, the product goes to oneDNN's matmul instead of MKL's sgemm:
-    on the AMD CPUs measured here MKL runs skinny products (decoding: 1 row) on one core at about half
-    the memory bandwidth, and ``x @ wte.T`` for the LM head took 11 ms against oneDNN's 5 ms.
-    oneDNN has no autograd kernel, so training and float64 always take ``F.linear``.
+    A named device is checked before any work: ``ValueError`` with one line if it is not a torch device or
+    this torch cannot use it (a CPU-only build asked for cuda, a GPU index that does not exist, ...).
     """
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if dtype != torch.float64 and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{device!r} is not a torch device (try cpu, cuda, cuda:1 or mps)") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is built without CUDA; "
+                             "use --device cpu or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch finds no usable CUDA GPU on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available here")
+        if dtype == torch.float64:
+            raise ValueError("MPS has no float64; use float32 or another device")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: this project runs on cpu, cuda or mps")
+    return dev
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state names) whose forward is :func:`linear`."""
+    """``nn.Linear`` (same parameters and state names) whose forward may take the oneDNN fast path.
+
+    ``onednn`` is set for the whole model by :meth:`GPT2.set_onednn_linear`.
+    """
+
+    onednn: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.onednn)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, impl: str
-) -> torch.Tensor:
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """bool [n_queries, n_keys], True where query i may see key j.
+
+    The queries are the last ``n_queries`` of the ``n_keys`` positions (the first n_keys - n_queries are a
+    KV cache's past), so query i sits at position n_keys - n_queries + i and sees keys 0 .. that position.
+    """
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=n_keys - n_queries)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) + mask) v.
 
     q [B, NH, Tq, hs], k and v [B, NH, Tk, hs] -> [B, NH, Tq, hs]. ``mask`` is boolean, broadcastable to
-    [B, NH, Tq, Tk], True where a query may attend to a key; ``is_causal`` (only with mask None and Tq == Tk)
-    is the plain lower-triangular mask. ``impl`` "sdpa" is PyTorch's fused kernel, "math" the same
-    equations written out (kept as a readable reference; both agree to ~1e-16 in float64).
+    [B, NH, Tq, Tk], True where a query may attend to a key; None means causal, with the Tq queries at the
+    last Tq of the Tk positions (:func:`causal_mask`), which also covers a prefill continuing a KV cache.
+    ``impl`` "sdpa" is PyTorch's fused kernel, "math" the same equations written out (kept as a readable
+    reference; both agree to ~1e-16 in float64).
     """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if mask is None and Tq > 1:
+        if impl == "sdpa" and Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # SDPA's own (top-left) causal mask
+        mask = causal_mask(Tq, Tk, q.device)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, NH, Tq, Tk]
-    if mask is None and is_causal:
-        Tq, Tk = att.shape[-2:]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=att.device).tril()
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: masked keys get no weight
     return att.softmax(dim=-1) @ v
@@ -130,7 +147,7 @@ class CausalSelfAttention(nn.Module):
 
         With ``kv`` (this layer's cache, [B, NH, max_len, hs] each) the new keys/values are stored at
         those slots and the queries attend over slots 0..start+T-1. ``mask`` None means plain causal
-        attention (then either start == 0 or T == 1).
+        attention over those slots (any start and T).
         """
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.project_qkv(x))
@@ -139,7 +156,7 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # [B, NH, start+T, hs]
-        y = attention(q, k, v, mask, is_causal=T > 1, impl=impl)  # [B, NH, T, hs]
+        y = attention(q, k, v, mask, impl)  # [B, NH, T, hs]
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -182,11 +199,15 @@ class GPT2(nn.Module):
     """GPT-2 with ``attention`` = "fused" (OpenAI's c_attn) or "custom" (separate W_q, W_k, W_v).
 
     ``attn_impl`` = "sdpa" (default) or "math". ``autocast_dtype`` (torch.bfloat16 / torch.float16, or None)
-    runs forward and decoding under ``torch.autocast``. Build one with :meth:`from_params` or
-    :meth:`from_config`; ``generate`` / ``generate_stream`` are :mod:`torch_gpt2.generate`'s functions.
+    runs forward and decoding under ``torch.autocast``. ``onednn_linear`` (default True) lets float32 CPU
+    inference use oneDNN's matmul (:mod:`torch_gpt2.onednn`; it is used only where it exists and was checked).
+    Build one with :meth:`from_params` or :meth:`from_config`; ``generate`` / ``generate_stream`` are
+    :mod:`torch_gpt2.generate`'s functions.
     """
 
-    def __init__(self, config: GPT2Config, attention: str = "fused", attn_impl: str = "sdpa") -> None:
+    def __init__(
+        self, config: GPT2Config, attention: str = "fused", attn_impl: str = "sdpa", onednn_linear: bool = True
+    ) -> None:
         super().__init__()
         check_attention_layout(attention)
         if attn_impl not in ATTN_IMPLS:
@@ -204,6 +225,14 @@ class GPT2(nn.Module):
         # The tied head has no module: logits = h @ wte.weight.T, so gradients reach wte from both uses.
         self.lm_head = None if config.tie_word_embeddings else Linear(C, config.vocab_size, bias=False)
         self.score = None if config.n_classes is None else Linear(C, config.n_classes)
+        self.set_onednn_linear(onednn_linear)
+
+    def set_onednn_linear(self, enabled: bool) -> None:
+        """Let (True) or forbid (False) every linear layer, the tied head included, the oneDNN fast path."""
+        self.onednn_linear = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.onednn = self.onednn_linear
 
     # ------------------------------------------------------------------ construction and export
 
@@ -218,20 +247,22 @@ class GPT2(nn.Module):
         attn_impl: str = "sdpa",
         autocast_dtype: torch.dtype | None = None,
         compile: bool = False,
+        onednn_linear: bool = True,
     ) -> GPT2:
         """A module holding copies of the canonical ``params`` (float64 -> float64 module, float32 -> float32).
 
         ``device`` None = auto (cuda > mps > cpu); ``dtype`` casts the weights; ``compile`` wraps the
-        forward in ``torch.compile`` (see :meth:`enable_compile`).
+        forward in ``torch.compile`` (see :meth:`enable_compile`); ``onednn_linear`` as in the class.
         """
         np_dtype = validate_params(params, config)
-        state = to_module_state(params, config, attention)
         param_dtype = dtype or (torch.float64 if np_dtype == np.float64 else torch.float32)
+        target = resolve_device(device, param_dtype)  # a bad device fails here, before any copying
+        state = to_module_state(params, config, attention)
         # Built on the meta device so no time goes into an initialisation that is overwritten at once.
         with torch.device("meta"):
-            model = cls(config, attention, attn_impl)
+            model = cls(config, attention, attn_impl, onednn_linear)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True, assign=True)
-        model.to(device=resolve_device(device, param_dtype), dtype=param_dtype)
+        model.to(device=target, dtype=param_dtype)
         model.set_autocast(autocast_dtype)
         if compile:
             model.enable_compile()
@@ -294,19 +325,27 @@ class GPT2(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def check_tokens(self, tokens: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless tokens is an integer [B, T] tensor, 1 <= T <= P, ids in [0, V)."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be an integer tensor [B, T], got {type(tokens).__name__}"
-                             f"{'' if not isinstance(tokens, torch.Tensor) else ' of ' + str(tokens.dtype)}")
-        if tokens.dim() != 2 or tokens.numel() == 0:
-            raise ValueError(f"tokens must be a non-empty [B, T] tensor, got shape {tuple(tokens.shape)}")
-        T, P, V = tokens.shape[1], self.config.n_positions, self.config.vocab_size
-        if T > P:
-            raise ValueError(f"sequence length {T} exceeds the model's context n_positions={P}")
-        lo, hi = (int(t) for t in torch.aminmax(tokens))
-        if lo < 0 or hi >= V:
-            raise ValueError(f"token ids must lie in [0, {V}) (vocab_size={V}); got min {lo}, max {hi}")
+    def check_tokens(self, tokens: torch.Tensor, name: str = "tokens") -> None:
+        """Raise ``ValueError`` unless ``tokens`` is an integer [B, T] tensor with T <= n_positions, ids in [0, V).
+
+        The checks are :mod:`mapper.tokens`' (shared with the NumPy spec). Ids are checked for tensors on the
+        CPU only: on an accelerator that would cost a host sync per forward, so ids are checked on the host
+        before they are moved (:func:`to_device`, the training data path, ``generate``).
+        """
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"{name} must be an integer tensor [B, T], got {type(tokens).__name__}")
+        if tokens.device.type == "cpu":
+            check_tokens(tokens.detach().numpy(), self.config, name)
+            return
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {tokens.dtype}")
+        check_token_shape(tuple(tokens.shape), self.config, name)
+
+    def to_device(self, tokens: np.ndarray | torch.Tensor, name: str = "tokens") -> torch.Tensor:
+        """Host tokens [B, T] -> a checked int64 tensor on the model's device (ids checked before the copy)."""
+        host = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        checked = check_tokens(host, self.config, name)
+        return torch.tensor(checked).to(self.device, non_blocking=True)
 
     def hidden_states(
         self,
@@ -330,7 +369,7 @@ class GPT2(nn.Module):
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, C] -> [B, T, V]: h @ wte.T (tied) or h @ lm_head.weight.T."""
-        return linear(h, self.wte.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.wte.weight, onednn=self.onednn_linear) if self.lm_head is None else self.lm_head(h)
 
     def _logits_and_loss(
         self, tokens: torch.Tensor, targets: torch.Tensor | None
@@ -354,11 +393,27 @@ class GPT2(nn.Module):
         equal to -100 are ignored.
         """
         self.check_tokens(tokens)
-        if targets is not None and tuple(targets.shape) != tuple(tokens.shape):
-            raise ValueError(f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor):
+                raise ValueError(f"targets must be an integer tensor [B, T], got {type(targets).__name__}")
+            if targets.device.type == "cpu":
+                check_targets(targets.numpy(), tuple(tokens.shape), self.config)
+            elif tuple(targets.shape) != tuple(tokens.shape):
+                raise ValueError(f"targets have shape {tuple(targets.shape)}, tokens have shape "
+                                 f"{tuple(tokens.shape)}; they must match")
         with self.autocast_context():
             fn = self._compiled_forward or self._logits_and_loss
             return fn(tokens, targets)
+
+    def loss_and_grads(
+        self, tokens: np.ndarray, targets: np.ndarray
+    ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+        """NumPy in, NumPy out, like ``numpy_gpt2.loss_and_grads``: (logits [B, T, V], mean loss, the gradient of
+        every parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared)."""
+        self.zero_grad(set_to_none=True)
+        logits, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device))
+        loss.backward()
+        return logits.detach().cpu().numpy(), float(loss.detach()), self.grads_to_params()
 
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Classification head on the last position: tokens [B, T] -> [B, n_classes]."""

@@ -1,7 +1,4 @@
-"""Training utilities for the torch engine: AdamW groups, the learning-rate schedule, one optimizer step.
-
-Kept deliberately small; the pretraining loop (data, checkpoints, DDP) is built on these.
-"""
+"""Training utilities for the torch engine: AdamW groups, the learning-rate schedule, one optimizer step."""
 
 from __future__ import annotations
 
@@ -18,24 +15,23 @@ def configure_adamw(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    decay: str = "matrices",
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings (dim >= 2) only, never on biases or LayerNorm gains.
+    """AdamW whose weight decay follows ``decay``, as ``numpy_gpt2.AdamW`` does.
 
-    On the CPU it is the single-tensor implementation (``foreach=False, fused=False``), whose formulas the
-    NumPy spec's AdamW follows to float64 precision; on CUDA the fused kernel.
+    ``decay="matrices"``: decay on matrices and embeddings (dim >= 2) only, never on biases or LayerNorm gains
+    (GPT-2 / nanoGPT); ``"all"``: every tensor, what ``torch.optim.AdamW(model.parameters())`` does. On the
+    CPU it is the single-tensor implementation (``foreach=False, fused=False``), whose formulas the NumPy
+    spec's AdamW follows to float64 precision; on CUDA the fused kernel.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    decay = {name for name, p in params.items() if p.dim() >= 2}
-    no_decay = {name for name, p in params.items() if p.dim() < 2}
-    # minGPT's guard: every trainable parameter in exactly one group
-    if decay & no_decay or decay | no_decay != set(params):
-        missing = set(params) - decay - no_decay
-        raise AssertionError(f"parameters in both groups: {decay & no_decay}; in none: {missing}")
-    on_cuda = all(p.device.type == "cuda" for p in params.values())
-    groups = [
-        {"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0},
-    ]
+    if decay not in ("matrices", "all"):
+        raise ValueError(f"decay must be 'matrices' or 'all', got {decay!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in params if decay == "all" or p.dim() >= 2]
+    kept = [p for p in params if not (decay == "all" or p.dim() >= 2)]
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False, fused=on_cuda)
 
 
