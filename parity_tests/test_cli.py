@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -10,9 +11,7 @@ import pytest
 import numpy_gpt2
 from gpt2_cli import main
 from mapper import GPT2Config, init_params, load_checkpoint, load_tokenizer, save_checkpoint
-from parity_tests.conftest import FIXTURES, SHARED
-
-TOKENIZER = SHARED / "assets" / "gpt2-bpe" / "gpt2.tiktoken"
+from parity_tests.conftest import FIXTURES
 
 
 def test_gradcheck_passes_and_prints_every_tensor(capsys):
@@ -63,10 +62,10 @@ def test_generate_streams_what_the_library_generates(capsys, gpt2_vocab_checkpoi
     path, config, params = gpt2_vocab_checkpoint
     args = ["generate", "--weights", str(path), "--backend", backend, "--prompt", "Hello, world",
             "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "50", "--seed", "4",
-            "--tokenizer", str(TOKENIZER), "--no-eos"]
+            "--no-eos"]
     assert main(args) == 0
     captured = capsys.readouterr()
-    enc = load_tokenizer(TOKENIZER)
+    enc = load_tokenizer()
     prompt = enc.encode("Hello, world")
     expected = numpy_gpt2.generate(params, config, np.array([prompt]), 12, temperature=0.9, top_k=50, seed=4)[0]
     assert captured.out == enc.decode(expected.tolist()) + "\n"
@@ -74,7 +73,7 @@ def test_generate_streams_what_the_library_generates(capsys, gpt2_vocab_checkpoi
 
 
 def test_generate_refuses_a_prompt_outside_the_vocabulary(capsys):
-    args = ["generate", "--weights", str(FIXTURES / "hf_tiny"), "--prompt", "Hello", "--tokenizer", str(TOKENIZER)]
+    args = ["generate", "--weights", str(FIXTURES / "hf_tiny"), "--prompt", "Hello"]
     assert main(args) == 2
     assert "outside this model's vocabulary of 97" in capsys.readouterr().err
 
@@ -96,3 +95,91 @@ def test_convert_round_trips_every_layout(capsys, tmp_path, layout):
 def test_convert_missing_input_is_a_clear_error(capsys, tmp_path):
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a user's first hour
+
+
+def test_version_and_every_option_documented(capsys):
+    from gpt2_cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("gpt2 ")
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) >= {"parity", "generate", "convert", "gradcheck"}
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            assert action.help, f"gpt2 {name} {action.option_strings or action.dest} has no description"
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--temperature", "-1", "--temperature must be a finite number >= 0"),
+    ("--top-k", "0", "--top-k must be an integer >= 1, got 0"),
+])
+def test_sampling_arguments_are_checked_before_any_model_is_built(capsys, monkeypatch, flag, value, message):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr("gpt2_cli.generate.load_model_params", never)
+    assert main(["generate", "--preset", "gpt2-xl", "--prompt", "Hi", flag, value]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_a_prompt_longer_than_the_context_says_so(capsys):
+    args = ["generate", "--config", "n_layer=1,n_embd=8,n_head=2,n_positions=8", "--prompt", "one two three " * 4]
+    assert main(args) == 2
+    assert "the prompt is 13 tokens long; the model's context of 8 tokens leaves no room" in one_line_error(capsys)
+
+
+def test_generate_needs_no_tokenizer_flag_offline(capsys, gpt2_vocab_checkpoint):
+    path, _, _ = gpt2_vocab_checkpoint
+    assert main(["generate", "--weights", str(path), "--prompt", "Hello", "--max-new-tokens", "3", "--no-eos"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_a_device_torch_cannot_use_fails_first(capsys, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started before the device was checked")
+
+    monkeypatch.setattr("gpt2_cli.parity.load_model_params", never)
+    assert main(["parity", "--device", "cuda"]) == 2
+    assert "device 'cuda'" in one_line_error(capsys)
+    assert main(["parity", "--device", "tpu9"]) == 2
+    assert "not a torch device" in one_line_error(capsys)
+
+
+def test_a_sequence_longer_than_the_context_is_refused_not_cut(capsys):
+    args = ["parity", "--config", "n_layer=1,n_embd=8,n_head=2,vocab_size=50,n_positions=8", "--seq", "64"]
+    assert main(args) == 2
+    assert "--seq 64 exceeds the model's context of 8 positions" in one_line_error(capsys)
+
+
+def test_convert_never_overwrites_its_input_or_an_output_without_force(capsys, tmp_path):
+    source = tmp_path / "model"
+    assert main(["convert", str(FIXTURES / "hf_tiny"), str(source)]) == 0
+    before = (source / "model.safetensors").read_bytes()
+    assert main(["convert", str(source), str(source), "--to", "custom"]) == 2
+    assert "the input's own folder" in one_line_error(capsys)
+    assert main(["convert", str(source / "model.safetensors"), str(source), "--force"]) == 2
+    assert (source / "model.safetensors").read_bytes() == before
+    out = tmp_path / "out"
+    assert main(["convert", str(source), str(out)]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(source), str(out), "--to", "fused"]) == 2
+    assert "already exists; pass --force" in one_line_error(capsys)
+    assert main(["convert", str(source), str(out), "--to", "fused", "--force"]) == 0
+    assert json.loads((out / "config.json").read_text())["gpt2_layout"] == "fused"

@@ -1,0 +1,83 @@
+"""What several commands share: model arguments, loading a model, the tokenizer, argument checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from mapper.config import PRESETS, GPT2Config
+from mapper.errors import TokenizerError
+
+# The default shape of commands that work on small models (gradcheck).
+TINY_DEFAULT = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: bool = True) -> None:
+    """--weights / --preset / --config."""
+    if weights:
+        parser.add_argument("--weights", metavar="PATH",
+                            help="a checkpoint file or folder in any format `gpt2 convert` reads (HF safetensors or "
+                                 ".bin, OpenAI's TensorFlow checkpoint, this project's)")
+    parser.add_argument("--preset", choices=list(PRESETS), help=f"a GPT-2 size, random init (default: {default_desc})")
+    parser.add_argument("--config", metavar="SPEC",
+                        help="a config JSON file (Hugging Face config.json or this project's fields), or overrides "
+                             "such as 'n_layer=2,n_embd=64' applied to the preset or default")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def load_model_params(
+    weights: str | None, preset: str | None, config_spec: str | None, dtype: str, seed: int
+) -> tuple[GPT2Config, dict[str, np.ndarray], str]:
+    """(config, params, description): a checkpoint, or GPT-2's seeded init of a preset / config (default gpt2)."""
+    from mapper import init_params, load_checkpoint
+
+    if weights:
+        if preset or config_spec:
+            raise ValueError("give either --weights or --preset/--config, not both")
+        config, params = load_checkpoint(weights)
+        return config, {k: v.astype(dtype, copy=False) for k, v in params.items()}, f"weights {weights}"
+    spec_is_file = bool(config_spec) and Path(config_spec).is_file()
+    preset = preset or (None if spec_is_file else "gpt2")  # overrides apply to the 124M shape by default
+    config = GPT2Config.from_spec(preset, config_spec)
+    name = " + ".join(part for part in (preset, config_spec) if part)
+    return config, init_params(config, seed, dtype), f"{name} shape, GPT-2 init (seed {seed}), no download"
+
+
+def load_tokenizer_for(flag_value: str | None):
+    """The GPT-2 tokenizer, with errors that name the ``--tokenizer`` flag."""
+    from mapper import load_tokenizer
+
+    try:
+        return load_tokenizer(flag_value)
+    except TokenizerError as e:
+        if flag_value:
+            raise TokenizerError(f"--tokenizer {flag_value}: {e}") from None
+        raise TokenizerError(f"{e}; pass --tokenizer PATH") from None
+
+
+def check_fits_context(flag: str, value: int, config: GPT2Config) -> None:
+    """Refuse (never silently cut) a length that exceeds the model's context."""
+    if value > config.n_positions:
+        raise ValueError(f"{flag} {value} exceeds the model's context of {config.n_positions} positions")
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or folder (after resolving links and '..')."""
+    return Path(a).resolve() == Path(b).resolve()
