@@ -1,6 +1,4 @@
-"""What each speed trick of ``numpy_gpt2/fast.py`` buys on the GPT-2 124M shape.
-
-    python -m benchmarks.fast_tricks [--preset gpt2] [--repeats 15] [--threads 2] [--json OUT]
+"""What each speed trick of ``numpy_gpt2/fast.py`` buys on the GPT-2 124M shape (``gpt2 bench --workloads tricks``).
 
 Whole-model timings on this shared machine move by 10% between runs, more than a trick is worth, so each
 trick is timed where it acts: its spec op (forward and backward) against its fast op, alternating, on exactly
@@ -11,15 +9,13 @@ of the fast path's whole step, also measured here. Workloads: forward B=1 T=1024
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from collections.abc import Callable
 
 import numpy as np
 
 import numpy_gpt2
-from benchmarks.common import keep_freed_memory, machine, pin_threads, timed
+from benchmarks.common import timed
 from mapper import GPT2Config, init_params
 from numpy_gpt2 import fast, ops
 
@@ -88,30 +84,12 @@ def run(preset: str, repeats: int) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="gpt2", help="model shape, random weights (default gpt2 = 124M)")
-    parser.add_argument("--repeats", type=int, default=15, help="alternating repeats per trick (default 15)")
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    tuned = keep_freed_memory()
-    threads = pin_threads(args.threads)
-    results = run(args.preset, args.repeats)
-    m = machine()
-    print(f"{m['cpu']}, {m['logical_cpus']} CPUs, numpy {m['numpy']}, threads {threads}, malloc tuned {tuned}; "
-          f"medians of {args.repeats} alternating repeats")
-    for workload, rows in results.items():
-        print(f"\n{workload}: whole step on the fast path {rows['whole_step_fast_s']:.3f} s")
-        for trick, r in rows.items():
-            if trick != "whole_step_fast_s":
-                print(f"  {trick:<34} spec {1e3 * r['spec_s']:8.1f} ms  fast {1e3 * r['fast_s']:8.1f} ms  "
-                      f"-> buys {r['gain']:6.1%} of the step")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": m, "threads": threads, "results": results}, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def measure(preset: str, repeats: int) -> list[dict]:
+    """One row per (workload, trick): spec and fast seconds for the trick's calls of one step, and its gain."""
+    rows = []
+    for workload, tricks in run(preset, repeats).items():
+        whole = tricks.pop("whole_step_fast_s")
+        for trick, r in tricks.items():
+            rows.append({"size": preset, "workload": "tricks", "backend": trick, "step": workload,
+                         "whole_step_fast_s": whole, **r})
+    return rows

@@ -1,17 +1,15 @@
-"""Peak memory of loading a real-size safetensors checkpoint, as a multiple of the file size.
+"""Peak memory of loading a real-size safetensors checkpoint, as a multiple of the file size
+(``gpt2 bench --workloads load``).
 
-    python -m benchmarks.load_memory [--preset gpt2-medium] [--dir TMP] [--json OUT] [--keep]
-
-Writes random ``--preset``-shaped float32 weights with ``mapper.save_checkpoint`` (gpt2-medium: ~1.4 GB),
-then, for each loader, starts a fresh Python process that imports it, notes its resident set size (RSS),
-loads the file and reports the peak RSS (``VmHWM``) above that baseline. The goal for
-``mapper.load_checkpoint`` is <= 1.3x the file size (the weights themselves are 1.0x). Linux only
-(``/proc/self/status``). Exits 1 when the goal is missed.
+Writes random preset-shaped float32 weights with ``mapper.save_checkpoint`` (gpt2-medium: ~1.4 GB), then, for
+each loader, starts a fresh Python process (``python -m benchmarks.load_memory LOADER PATH``) that imports it,
+notes its resident set size (RSS), loads the file and reports the peak RSS (``VmHWM``) above that baseline.
+The goal for ``mapper.load_checkpoint`` is <= 1.3x the file size (the weights themselves are 1.0x). Linux
+only (``/proc/self/status``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -66,7 +64,7 @@ def measure_in_this_process(loader: str, path: str) -> dict[str, float]:
 
 def run_child(loader: str, path: Path) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.load_memory", "--child", loader, str(path)],
+        [sys.executable, "-m", "benchmarks.load_memory", loader, str(path)],
         check=True,
         capture_output=True,
         text=True,
@@ -84,47 +82,21 @@ def write_checkpoint(preset: str, directory: Path) -> Path:
     return directory / "model.safetensors"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="gpt2-medium")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint written")
-    parser.add_argument("--child", nargs=2, metavar=("LOADER", "PATH"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure_in_this_process(*args.child)))
-        return 0
-
-    directory = Path(tempfile.mkdtemp(prefix="load_memory_", dir=args.dir))
+def measure(preset: str, directory: Path | None = None) -> list[dict[str, object]]:
+    """One row per loader: peak RSS above the baseline as a multiple of the file size, and the seconds."""
+    workdir = Path(tempfile.mkdtemp(prefix="load_memory_", dir=directory))
     try:
-        start = time.perf_counter()
-        file = write_checkpoint(args.preset, directory)
+        file = write_checkpoint(preset, workdir)
         file_size = file.stat().st_size
-        elapsed = time.perf_counter() - start
-        print(f"wrote {file} ({file_size / 2**20:,.0f} MiB, {args.preset}, float32) in {elapsed:.1f} s")
         rows = []
         for loader in LOADERS:
-            r = run_child(loader, directory)
-            r.update(loader=loader, file_bytes=file_size, ratio=(r["peak_rss"] - r["baseline_rss"]) / file_size)
-            rows.append(r)
+            r = run_child(loader, workdir)
+            rows.append({**r, "size": preset, "workload": "load", "backend": loader, "file_bytes": file_size,
+                         "times_file_size": (r["peak_rss"] - r["baseline_rss"]) / file_size, "goal": GOAL})
+        return rows
     finally:
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    mib = 2**20
-    print(f"\n{'loader':<30} {'file MiB':>9} {'peak - base MiB':>16} {'x file':>7} {'seconds':>8}")
-    for r in rows:
-        peak_above = (r["peak_rss"] - r["baseline_rss"]) / mib
-        file_mib = r["file_bytes"] / mib
-        print(f"{r['loader']:<30} {file_mib:>9,.0f} {peak_above:>16,.0f} {r['ratio']:>7.2f} {r['seconds']:>8.2f}")
-    ours = rows[0]["ratio"]
-    verdict = "met" if ours <= GOAL else "MISSED"
-    print(f"\nmapper.load_checkpoint peak = {ours:.2f}x the file size (goal <= {GOAL}x): {verdict}")
-    if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "goal": GOAL, "rows": rows}, indent=2) + "\n")
-    return 0 if ours <= GOAL else 1
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the child: one loader in a fresh process
+    print(json.dumps(measure_in_this_process(sys.argv[1], sys.argv[2])))

@@ -6,9 +6,9 @@ import argparse
 import sys
 from importlib import metadata
 
-from gpt2_cli import convert, generate, gradcheck, parity
+from gpt2_cli import bench, convert, generate, gradcheck, parity
 
-COMMANDS = (parity, generate, convert, gradcheck)
+COMMANDS = (parity, generate, convert, gradcheck, bench)
 
 
 def version() -> str:
@@ -18,13 +18,30 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class VersionAction(argparse.Action):
+    """``--version``: the package's version and the kernels NumPy runs on (who chose them)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and NumPy's BLAS kernels, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import numpy as np
+
+        from numpy_gpt2.runtime import openblas_kernels
+
+        blas = openblas_kernels()
+        print(f"gpt2 {version()}; numpy {np.__version__} on OpenBLAS's {blas['core']} kernels "
+              f"(chosen by {blas['chosen_by']})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2",
         description="GPT-2 from scratch: a hand-differentiated NumPy spec and a PyTorch engine that agree. "
         "Run `gpt2 COMMAND --help` for each command.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
@@ -32,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from numpy_gpt2.runtime import keep_freed_memory
+    """The ``gpt2`` command. Run as a command (``argv`` None), it first restarts itself with OpenBLAS's AVX-512
+    kernels where OpenBLAS under-detects an AVX-512 CPU (``numpy_gpt2.runtime``); never in-process callers."""
+    from numpy_gpt2.runtime import keep_freed_memory, restart_with_best_openblas
 
+    if argv is None:
+        restart_with_best_openblas(sys.orig_argv)
+    args = build_parser().parse_args(argv)
     keep_freed_memory()  # NumPy's big temporaries: reuse freed memory instead of page-faulting fresh maps
     try:
         return args.func(args)

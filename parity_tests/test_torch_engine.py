@@ -108,7 +108,8 @@ def test_logits_and_loss_float32(tiny, reference, attention, onednn, grad_enable
 
 
 def test_onednn_fast_path_is_taken_only_when_allowed_and_checked(tiny, reference, monkeypatch):
-    """The flag decides; float32 CPU inference takes oneDNN's linear, anything else (or a failed check) F.linear."""
+    """The flag decides; float32 on the CPU takes oneDNN's linear (inference and training), anything else (float64,
+    the flag off, a failed one-time check) F.linear. Both paths give transformers' logits (test above)."""
     config, params32, params64 = tiny
     calls = []
     real_op = torch.ops.mkldnn._linear_pointwise
@@ -119,33 +120,42 @@ def test_onednn_fast_path_is_taken_only_when_allowed_and_checked(tiny, reference
 
     monkeypatch.setattr(onednn, "onednn_linear_available", lambda: True)
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
-    tokens = torch.from_numpy(reference["tokens_1"])
+    tokens, targets = torch.from_numpy(reference["tokens_1"]), shifted_targets(reference["tokens_1"])
+    linears = 4 * config.n_layer + 1  # every block projection and the tied head
     fast = GPT2.from_params(params32, config, device="cpu")
     plain = GPT2.from_params(params32, config, device="cpu", onednn_linear=False)
     with torch.no_grad():
         fast_logits = fast(tokens)
-        assert len(calls) == 4 * config.n_layer + 1  # every block projection and the tied head
+        assert len(calls) == linears
         plain_logits = plain(tokens)
-        assert len(calls) == 4 * config.n_layer + 1  # the flag off: none
+    assert len(calls) == linears  # the flag off: none
     torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-6, atol=1e-6)
-    fast(tokens)  # autograd on: F.linear (the private op has no backward)
+    calls.clear()
+    _, fast_loss = fast(tokens, targets)
+    assert len(calls) == linears  # autograd records: OneDNNLinear's forward
+    fast_loss.backward()
+    assert len(calls) == 3 * linears  # and its backward: dx and dW per layer
+    _, plain_loss = plain(tokens, targets)
+    plain_loss.backward()
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    calls.clear()
     GPT2.from_params(params64, config, device="cpu")(tokens)  # float64: F.linear
-    assert len(calls) == 4 * config.n_layer + 1
     fast.set_onednn_linear(False)
     with torch.no_grad():
         fast(tokens)
-    assert len(calls) == 4 * config.n_layer + 1
     monkeypatch.setattr(onednn, "onednn_linear_available", lambda: False)  # the one-time check failed
     fast.set_onednn_linear(True)
     with torch.no_grad():
         fast(tokens)
-    assert len(calls) == 4 * config.n_layer + 1
+    assert calls == []
 
 
 def test_onednn_check_compares_with_f_linear(monkeypatch):
     onednn.onednn_linear_available.cache_clear()
     try:
-        assert onednn.onednn_linear_available() == torch.backends.mkldnn.is_available()
+        with torch.inference_mode():  # the first call may come from decoding, where autograd is off
+            assert onednn.onednn_linear_available() == torch.backends.mkldnn.is_available()
         onednn.onednn_linear_available.cache_clear()
         monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, b, *rest: F.linear(x, w, b) + 1e-3)
         assert not onednn.onednn_linear_available()  # an op that disagrees with F.linear is not used
@@ -439,7 +449,7 @@ def test_adamw_groups_and_first_step_closed_form(tiny, reference):
     # custom layout: 16 tensors per block (q, k, v separately)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(named) == 2 + 2 * 16 + 2
     assert decayed == {id(p) for p in named.values() if p.dim() >= 2}
-    assert opt.defaults["foreach"] is False and opt.defaults["fused"] is False
+    assert opt.defaults["fused"] is True  # torch's fused kernel, on the CPU too
     before = {n: p.detach().clone() for n, p in named.items()}
     tokens = reference["tokens_1"]
     stats = train_step(model, opt, [(torch.from_numpy(tokens), shifted_targets(tokens))], grad_clip=None)

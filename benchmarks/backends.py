@@ -1,0 +1,249 @@
+"""The implementations a benchmark compares, behind one small interface.
+
+Each backend holds one model built from the same canonical parameters and runs three workloads on host
+inputs handed to it as NumPy arrays (moved to its device before timing starts):
+
+* ``forward(tokens)``: logits for [B, T] tokens (prefill);
+* ``train_step(tokens, targets)``: forward + backward + AdamW (its own optimizer state, lr 1e-5, wd 0.1);
+* ``decode(prompt, n)``: ``n`` greedy tokens after a [B, T] prompt through the KV cache.
+
+Backends: ``numpy`` (the spec on its fast path, float32), ``torch-cpu-fused`` / ``torch-cpu-custom`` (the
+engine's two layouts, float32), ``torch-cuda-{fp32,tf32,bf16}`` with ``-compile`` variants, and Hugging Face
+``GPT2LMHeadModel`` (``hf-cpu``, ``hf-cuda-fp32``, ``hf-cuda-bf16``) as the reference a user would pick instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mapper.config import GPT2Config
+
+LR, WEIGHT_DECAY = 1e-5, 0.1  # small enough that repeated steps stay finite; the cost does not depend on it
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend is: its name, family (numpy | torch | hf), device, precision and torch.compile."""
+
+    name: str
+    family: str
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+    compile: bool = False
+    attention: str = "fused"
+
+    @property
+    def weight_itemsize(self) -> int:
+        return 4  # weights stay float32; bf16 runs under autocast
+
+
+CPU_BACKENDS = (
+    BackendSpec("numpy", "numpy"),
+    BackendSpec("torch-cpu-fused", "torch"),
+    BackendSpec("torch-cpu-custom", "torch", attention="custom"),
+    BackendSpec("hf-cpu", "hf"),
+)
+CUDA_BACKENDS = (
+    BackendSpec("torch-cuda-fp32", "torch", "cuda", "fp32"),
+    BackendSpec("torch-cuda-tf32", "torch", "cuda", "tf32"),
+    BackendSpec("torch-cuda-bf16", "torch", "cuda", "bf16"),
+    BackendSpec("torch-cuda-fp32-compile", "torch", "cuda", "fp32", compile=True),
+    BackendSpec("torch-cuda-tf32-compile", "torch", "cuda", "tf32", compile=True),
+    BackendSpec("torch-cuda-bf16-compile", "torch", "cuda", "bf16", compile=True),
+    BackendSpec("hf-cuda-fp32", "hf", "cuda", "fp32"),
+    BackendSpec("hf-cuda-bf16", "hf", "cuda", "bf16"),
+)
+ALL_BACKENDS = {spec.name: spec for spec in CPU_BACKENDS + CUDA_BACKENDS}
+# --backends takes these groups (or single names)
+GROUPS = {
+    "numpy": ["numpy"],
+    "torch-cpu": ["torch-cpu-fused", "torch-cpu-custom"],
+    "torch-cuda": [s.name for s in CUDA_BACKENDS if s.family == "torch"],
+    "hf": ["hf-cpu", "hf-cuda-fp32", "hf-cuda-bf16"],
+}
+
+
+def unavailable_reason(spec: BackendSpec) -> str | None:
+    """Why ``spec`` cannot run here (one line), or None."""
+    if spec.family in ("torch", "hf") or spec.device == "cuda":
+        try:
+            import torch
+        except ImportError:
+            return "torch is not installed"
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            return ("no CUDA GPU here (this torch is built without CUDA)" if torch.version.cuda is None
+                    else "no CUDA GPU visible to torch")
+    if spec.family == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            return "transformers is not installed (pip install -e '.[bench]')"
+    return None
+
+
+class Backend:
+    """One model of one implementation, with the three workloads."""
+
+    def __init__(self, spec: BackendSpec, config: GPT2Config, params: dict[str, np.ndarray]) -> None:
+        self.spec, self.config = spec, config
+        self._train_state: object = None
+        if spec.family == "numpy":
+            self.params = params  # the spec reads them in place; training gets its own copy (below)
+            return
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(spec.device)
+        if spec.family == "torch":
+            from torch_gpt2 import GPT2
+
+            self.model = GPT2.from_params(params, config, spec.attention, device=spec.device,
+                                          autocast_dtype=torch.bfloat16 if spec.precision == "bf16" else None)
+            if spec.compile:
+                self.model.enable_compile()
+        else:
+            self.model = build_hf_model(params, config).to(self.device)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def sync(self) -> None:
+        if self.spec.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def numerics(self):
+        """TF32 on or off for this backend's matmuls, and autocast for Hugging Face's bf16."""
+        if self.spec.family == "numpy":
+            yield
+            return
+        torch = self.torch
+        previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.spec.precision == "tf32"
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.spec.family == "hf"
+                    and self.spec.precision == "bf16" else contextlib.nullcontext())
+        try:
+            with autocast:
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+    def inputs(self, *arrays: np.ndarray) -> tuple:
+        """Host arrays -> what this backend's calls take (device tensors), prepared outside any timing."""
+        if self.spec.family == "numpy":
+            return arrays
+        return tuple(self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays)
+
+    # ------------------------------------------------------------------ workloads
+
+    def forward_fn(self, tokens: np.ndarray) -> Callable[[], object]:
+        (x,) = self.inputs(tokens)
+        if self.spec.family == "numpy":
+            import numpy_gpt2
+
+            return lambda: numpy_gpt2.forward(self.params, self.config, x, fast=True)
+        torch = self.torch
+
+        def run() -> object:
+            with torch.no_grad(), self.numerics():
+                out = self.model(x) if self.spec.family == "torch" else self.model(input_ids=x).logits
+            self.sync()
+            return out
+
+        return run
+
+    def train_fn(self, tokens: np.ndarray, targets: np.ndarray) -> Callable[[], object]:
+        x, y = self.inputs(tokens, targets)
+        if self.spec.family == "numpy":
+            import numpy_gpt2
+            from numpy_gpt2.fast import FastAdamW
+
+            if self._train_state is None:
+                own = {k: v.copy() for k, v in self.params.items()}
+                optimizer = FastAdamW(own, lr=LR, weight_decay=WEIGHT_DECAY)
+                self._train_state = numpy_gpt2.Trainer(own, self.config, optimizer, fast=True)
+            return lambda: self._train_state.step(x, y)
+        torch = self.torch
+        if self.spec.family == "torch":
+            from torch_gpt2 import configure_adamw, train_step
+
+            if self._train_state is None:
+                self._train_state = configure_adamw(self.model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+            def run() -> object:
+                with self.numerics():
+                    out = train_step(self.model, self._train_state, [(x, y)], grad_clip=None)
+                self.sync()
+                return out
+
+            return run
+        import torch.nn.functional as F
+
+        if self._train_state is None:
+            self._train_state = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        optimizer = self._train_state
+
+        def run_hf() -> object:
+            optimizer.zero_grad(set_to_none=True)
+            with self.numerics():
+                logits = self.model(input_ids=x).logits
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss.backward()
+            optimizer.step()
+            self.sync()
+            return loss
+
+        return run_hf
+
+    def decode_fn(self, prompt: np.ndarray) -> Callable[[int], object]:
+        """A function of n: decode n greedy tokens after ``prompt`` (no EOS stop)."""
+        (x,) = self.inputs(prompt)
+        if self.spec.family == "numpy":
+            import numpy_gpt2
+
+            return lambda n: numpy_gpt2.generate(self.params, self.config, x, n, fast=True)
+        torch = self.torch
+        if self.spec.family == "torch":
+            def run(n: int) -> object:
+                with self.numerics():
+                    out = self.model.generate(x, n)
+                self.sync()
+                return out
+
+            return run
+        mask = torch.ones_like(x)
+
+        def run_hf(n: int) -> object:
+            with torch.no_grad(), self.numerics():
+                out = self.model.generate(x, attention_mask=mask, use_cache=True, do_sample=False,
+                                          max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+            self.sync()
+            return out
+
+        return run_hf
+
+    def release(self) -> None:
+        """Drop the model and training state (before the next size is built)."""
+        self._train_state = None
+        self.model = self.params = None
+        if self.spec.device == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+def build_hf_model(params: dict[str, np.ndarray], config: GPT2Config):
+    """``transformers.GPT2LMHeadModel`` holding ``params`` (its Conv1D weights are [in, out], as canonical)."""
+    import torch
+    import transformers
+
+    hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(hf_config)
+    state = {f"transformer.{name}": torch.from_numpy(value.copy()) for name, value in params.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"Hugging Face state mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()

@@ -1,0 +1,489 @@
+"""``gpt2 bench``: NumPy-CPU vs torch-CPU vs torch-GPU vs Hugging Face, side by side, against the machine's limits.
+
+For every measured point (size, workload, batch, length) the backends on one device run alternately within
+each repeat, in a rotating order, on the same inputs, so the noise of a shared machine hits them alike; on the
+CPU a 0.2 s pause separates calls of different libraries (torch's OpenMP threads and OpenBLAS's threads both
+spin for a while after a parallel op and would slow the other). Each backend makes two untimed calls first: a
+warm-up, then one that measures its peak memory in steady state (optimizer state already allocated).
+Reported: median, min and max seconds; GFLOP/s and the fraction of the machine's best matmul rate measured
+beside the point (forward, train); ms per token, tokens/s and the weights' read rate against the measured
+memory bandwidth (decode); the time ratio against Hugging Face on the same device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import limits
+from benchmarks.backends import ALL_BACKENDS, GROUPS, Backend, BackendSpec, unavailable_reason
+from benchmarks.common import (
+    HeapPeak,
+    decode_weight_bytes,
+    forward_flops,
+    machine,
+    pin_threads,
+    summary,
+    timed,
+    train_step_flops,
+)
+from mapper.config import PRESETS, GPT2Config
+from mapper.schema import count_params, init_params
+
+WORKLOADS = ("forward", "train", "decode")
+EXTRA_WORKLOADS = {  # opt-in with --workloads
+    "load": "peak memory of loading a checkpoint of each size (fresh processes), as a multiple of its file size",
+    "tricks": "what each speed trick of numpy_gpt2/fast.py buys, op by op (GPT-2 124M shape)",
+}
+DEFAULT_BACKENDS = ("numpy", "torch-cpu", "torch-cuda", "hf")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: ``T`` is the sequence length (forward, train) or the context reached (decode)."""
+
+    size: str
+    workload: str
+    device: str
+    B: int
+    T: int
+    new_tokens: int = 0
+
+    @property
+    def label(self) -> str:
+        what = f"context {self.T}" if self.workload == "decode" else f"T={self.T}"
+        return f"{self.size} {self.workload} {self.device} B={self.B} {what}"
+
+
+@dataclass
+class Settings:
+    quick: bool = False
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    sizes: tuple[str, ...] = ("gpt2",)
+    workloads: tuple[str, ...] = WORKLOADS
+    threads: int = 2
+    repeats: int | None = None
+    seed: int = 0
+    config: str | None = None  # a GPT2Config.from_spec string: measure this shape (named "custom") instead of sizes
+
+    def model_config(self, size: str) -> GPT2Config:
+        return GPT2Config.from_spec(None, self.config) if size == "custom" else GPT2Config.from_preset(size)
+
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        return ("custom",) if self.config else self.sizes
+
+    @property
+    def n_repeats(self) -> int:
+        return self.repeats or (3 if self.quick else 5)
+
+
+@dataclass
+class Report:
+    settings: dict
+    machine: dict = field(default_factory=dict)
+    threads: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
+    results: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    goals: list[dict] = field(default_factory=list)
+
+
+def resolve_backends(names: tuple[str, ...]) -> list[BackendSpec]:
+    """Group names (numpy, torch-cpu, torch-cuda, hf) and single backend names -> specs, in a fixed order."""
+    chosen = set()
+    for name in names:
+        if name in GROUPS:
+            chosen.update(GROUPS[name])
+        elif name in ALL_BACKENDS:
+            chosen.add(name)
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join([*GROUPS, *ALL_BACKENDS])}")
+    return [spec for name, spec in ALL_BACKENDS.items() if name in chosen]
+
+
+def plan(settings: Settings, size: str, device: str) -> list[Point]:
+    """The points measured for one size on one device: the goals' points plus sweeps over T and batch."""
+    config = settings.model_config(size)
+    P, q = config.n_positions, settings.quick
+    points: list[Point] = []
+    if device == "cpu":
+        forward = [(1, t) for t in ((64, 256, 1024) if q else (64, 128, 256, 512, 1024))]
+        forward += [] if q else [(b, 256) for b in (2, 4, 8)]
+        train = [(4, 64)] + ([] if q else [(4, 128), (4, 256), (1, 64), (2, 64), (8, 64)])
+        decode = [(1, c) for c in ((64, 128, 1024) if q else (64, 128, 256, 512, 1024))]
+        new_tokens = 8 if q else 16
+    else:
+        forward = [(1, t) for t in (64, 256, 1024)] + [(b, 1024) for b in ((16,) if q else (4, 16, 32))]
+        train = [(16, 1024)] + ([] if q else [(4, 256), (8, 1024)])
+        decode = [(b, c) for b in (1, 32) for c in ((128, 1024) if q else (64, 128, 256, 1024))]
+        new_tokens = 16 if q else 32
+    new_tokens = min(new_tokens, P // 2)
+    if "forward" in settings.workloads:
+        points += [Point(size, "forward", device, b, min(t, P)) for b, t in forward]
+    if "decode" in settings.workloads:
+        points += [Point(size, "decode", device, b, max(min(c, P), new_tokens + 2), new_tokens) for b, c in decode]
+    if "train" in settings.workloads:
+        points += [Point(size, "train", device, b, min(t, P)) for b, t in train]
+    return list(dict.fromkeys(points))  # a small context folds several lengths into one point
+
+
+def memory_needed(config: GPT2Config, specs: list[BackendSpec], workloads: tuple[str, ...]) -> int:
+    """Bytes the models of ``specs`` need together: float32 weights, plus gradients and AdamW's two moments when
+    training, plus a margin for activations (logits at B=4, T=1024 and a few block activations)."""
+    P = count_params(config)
+    per_model = 4 * P * (4 if "train" in workloads else 1)
+    activations = 4 * (4 * 1024 * config.vocab_size * 3 + 40 * 4 * 1024 * config.n_embd * config.n_layer)
+    copies = sum(1 for s in specs if s.family != "numpy") + (1 if any(s.family == "numpy" for s in specs) else 0)
+    return copies * per_model + activations
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+class Runner:
+    """Runs the plan, alternating backends within each repeat, and collects one result row per backend."""
+
+    def __init__(self, settings: Settings, machine_limits: dict[str, dict],
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.limits = machine_limits
+        self.progress = progress or (lambda n: None)
+        self.heap = HeapPeak()
+
+    def run_point(self, point: Point, backends: list[Backend], cpu_limit_scale: float) -> list[dict]:
+        config = backends[0].config
+        rng = np.random.default_rng(self.settings.seed)
+        if point.workload == "decode":
+            # the timed calls decode new_tokens + 1 tokens, so the cache ends at T
+            data = rng.integers(0, config.vocab_size, (point.B, point.T - point.new_tokens - 1))
+        else:
+            data = rng.integers(0, config.vocab_size, (point.B, point.T + 1))
+        calls: dict[str, Callable[[], object]] = {}
+        memory: dict[str, float | None] = {}
+        for backend in backends:
+            fn = self._workload(backend, point, data)
+            fn()  # warm-up: first-touch memory, lazily created optimizer state, oneDNN's primitive cache
+            memory[backend.spec.name] = self._peak_memory(backend, fn)
+            calls[backend.spec.name] = fn
+            self.progress(1)
+        limit_before = limits.quick_cpu_limit() if point.device == "cpu" else None
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        names = list(calls)
+        previous_family = None
+        for r in range(self.settings.n_repeats):
+            order = names[r % len(names):] + names[: r % len(names)]  # rotate: nobody always goes first
+            for name in order:
+                family = ALL_BACKENDS[name].family == "numpy"  # OpenBLAS's threads, or torch's OpenMP threads
+                if point.device == "cpu" and previous_family not in (None, family):
+                    time.sleep(0.2)  # let the other library's spinning threads go idle
+                times[name].append(calls[name]())
+                previous_family = family
+                self.progress(1)
+        limit_after = limits.quick_cpu_limit() if point.device == "cpu" else None
+        cpu_limit = None if limit_before is None else cpu_limit_scale * (limit_before + limit_after) / 2
+        return [self._row(point, config, name, times[name], memory[name], cpu_limit) for name in names]
+
+
+    def _workload(self, backend: Backend, point: Point, data: np.ndarray) -> Callable[[], float]:
+        """A callable returning the seconds of one measured unit (one call; a decode's per-token time)."""
+        if point.workload == "forward":
+            fn = backend.forward_fn(data[:, :-1])
+            return lambda: timed(fn)
+        if point.workload == "train":
+            fn = backend.train_fn(data[:, :-1], data[:, 1:])
+            return lambda: timed(fn)
+        decode = backend.decode_fn(data)
+        n = point.new_tokens
+
+        def per_token() -> float:  # (n + 1 tokens) - (1 token): decoding steps only, the prefill cancels out
+            return (timed(lambda: decode(n + 1)) - timed(lambda: decode(1))) / n
+
+        return per_token
+
+    def _peak_memory(self, backend: Backend, fn: Callable[[], float]) -> float | None:
+        """One untimed call; returns its peak memory in MiB (CPU: C-heap peak above the start; CUDA: allocated)."""
+        if backend.spec.device == "cuda":
+            torch = backend.torch
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            return torch.cuda.max_memory_allocated() / 2**20
+        with self.heap.watch() as watched:
+            fn()
+        return (watched.peak - watched.start) / 2**20 if watched.available else None
+
+    def _row(self, point: Point, config: GPT2Config, name: str, seconds: list[float], memory_mib: float | None,
+             cpu_limit: float | None) -> dict:
+        spec = ALL_BACKENDS[name]
+        row = {**asdict(point), "backend": name, "seconds": summary(seconds), "peak_memory_mib": memory_mib}
+        median = row["seconds"]["median"]
+        if point.workload in ("forward", "train"):
+            flops = (forward_flops if point.workload == "forward" else train_step_flops)(config, point.B, point.T)
+            row["gflops"] = flops / median / 1e9
+            limit = cpu_limit if point.device == "cpu" else self.gpu_matmul_tflops(spec) * 1e3
+            row["limit_gflops"] = limit
+            row["fraction_of_limit"] = row["gflops"] / limit if limit else None
+        else:
+            row["ms_per_token"] = 1e3 * median
+            row["tokens_per_s"] = point.B / median
+            row["weight_gbs"] = decode_weight_bytes(config) / median / 1e9
+            bandwidth = self.limits.get(point.device, {}).get("memory_gbs")
+            row["fraction_of_bandwidth"] = row["weight_gbs"] / bandwidth if bandwidth else None
+        return row
+
+    def gpu_matmul_tflops(self, spec: BackendSpec) -> float | None:
+        gpu = self.limits.get("cuda")
+        return None if gpu is None else gpu["matmul_tflops"][spec.precision]
+
+
+def add_hf_ratios(rows: list[dict]) -> None:
+    """hf_time / time for each row that has a Hugging Face counterpart measured at the same point."""
+    key = ("size", "workload", "device", "B", "T")
+    by_point: dict[tuple, dict[str, dict]] = {}
+    for row in (r for r in rows if r["workload"] in WORKLOADS):
+        by_point.setdefault(tuple(row[k] for k in key), {})[row["backend"]] = row
+    for group in by_point.values():
+        for row in group.values():
+            spec = ALL_BACKENDS[row["backend"]]
+            reference = group.get("hf-cpu") if spec.device == "cpu" else (
+                group.get("hf-cuda-bf16") if spec.precision == "bf16" else group.get("hf-cuda-fp32"))
+            if reference is not None and reference is not row:
+                row["speedup_vs_hf"] = reference["seconds"]["median"] / row["seconds"]["median"]
+
+
+def evaluate_goals(rows: list[dict]) -> list[dict]:
+    """The issue's goals, where their points were measured: (goal, backend, value, target, met)."""
+    goals = []
+
+    def find(**match) -> list[dict]:
+        return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+    for row in find(size="gpt2", workload="forward", device="cpu", B=1, T=1024):
+        if row["backend"] != "hf-cpu":
+            goals.append(goal(f"forward B=1 T=1024, {row['backend']}", row["fraction_of_limit"], 0.75, "of limit"))
+            if "speedup_vs_hf" in row:
+                goals.append(goal(f"forward B=1 T=1024, {row['backend']} vs HF", row["speedup_vs_hf"], 1.0, "x HF"))
+    for row in find(size="gpt2", workload="train", device="cpu", B=4, T=64):
+        if row["backend"] != "hf-cpu":
+            goals.append(goal(f"train step B=4 T=64, {row['backend']}", row["fraction_of_limit"], 0.60, "of limit"))
+            if "speedup_vs_hf" in row:
+                goals.append(goal(f"train step B=4 T=64, {row['backend']} vs HF", row["speedup_vs_hf"], 1.0, "x HF"))
+    for row in find(size="gpt2", workload="decode", device="cpu", B=1, T=128):
+        if row["backend"].startswith("torch"):
+            goals.append(goal(f"decode context 128, {row['backend']}: weights read vs bandwidth",
+                              row["fraction_of_bandwidth"], 0.70, "of bandwidth"))
+    for backend in {r["backend"] for r in find(size="gpt2", workload="decode", device="cpu", B=1)}:
+        at = {r["T"]: r["seconds"]["median"] for r in find(size="gpt2", workload="decode", B=1, backend=backend)}
+        if 64 in at and 1024 in at and backend.startswith("torch"):
+            goals.append(goal(f"decode ms/token context 1024 / 64, {backend}", at[1024] / at[64], 1.5, "ratio",
+                              lower_is_better=True))
+    for row in find(size="gpt2", workload="train", device="cuda", B=16, T=1024, backend="torch-cuda-bf16-compile"):
+        goals.append(goal("train step B=16 T=1024, torch-cuda-bf16-compile", row["fraction_of_limit"], 0.50,
+                          "of bf16 matmul"))
+    for row in find(workload="load", backend="mapper.load_checkpoint"):
+        goals.append(goal(f"peak memory loading {row['size']}, x file size", row["times_file_size"], row["goal"],
+                          "ratio", lower_is_better=True))
+    return goals
+
+
+def goal(name: str, value: float | None, target: float, unit: str, lower_is_better: bool = False) -> dict:
+    met = None if value is None else (value <= target if lower_is_better else value >= target)
+    return {"goal": name, "value": value, "target": target, "unit": unit, "met": met,
+            "lower_is_better": lower_is_better}
+
+
+def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = print) -> Report:
+    """Measure everything ``settings`` asks for; write results.json and the plots to ``out_dir``."""
+    from tqdm import tqdm
+
+    specs = resolve_backends(settings.backends)
+    for name in settings.sizes:
+        if name not in PRESETS:
+            raise ValueError(f"unknown size {name!r}; choose from {', '.join(PRESETS)}")
+    if settings.config:
+        settings.model_config("custom")  # a bad --config fails here, before any measurement
+    for name in settings.workloads:
+        if name not in WORKLOADS and name not in EXTRA_WORKLOADS:
+            raise ValueError(f"unknown workload {name!r}; choose from {', '.join([*WORKLOADS, *EXTRA_WORKLOADS])}")
+    report = Report(settings=asdict(settings))
+    present = []
+    for spec in specs:
+        reason = unavailable_reason(spec)
+        if reason:
+            report.skipped.append({"backend": spec.name, "reason": reason})
+        else:
+            present.append(spec)
+    for reason in dict.fromkeys(skip["reason"] for skip in report.skipped):
+        log(f"skipped {', '.join(k['backend'] for k in report.skipped if k['reason'] == reason)}: {reason}")
+    report.threads = pin_threads(settings.threads)
+    report.machine = machine()
+    devices = sorted({s.device for s in present}, key=["cpu", "cuda"].index)
+    log("measuring the machine's limits (matmul kernels, memory bandwidth) ...")
+    if "cpu" in devices:
+        report.limits["cpu"] = limits.cpu_limits(settings.threads)
+    if "cuda" in devices:
+        report.limits["cuda"] = limits.gpu_limits()
+    cpu = report.limits.get("cpu")
+    # the per-point probe runs this process's kernels; scale it to the best kernel measured above
+    cpu_scale = 1.0 if cpu is None else cpu["best_matmul_gflops"] / limits.quick_cpu_limit()
+
+    work: list[tuple[str, str, list[BackendSpec], list[Point]]] = []
+    for size, device in itertools.product(settings.size_names, devices):
+        on_device = [s for s in present if s.device == device]
+        config = settings.model_config(size)
+        need, have = memory_needed(config, on_device, settings.workloads), available_bytes(device)
+        if need > 0.85 * have:
+            reason = (f"{size} needs ~{need / 2**30:.1f} GiB for {len(on_device)} models on {device}, "
+                      f"{have / 2**30:.1f} GiB available")
+            report.skipped.append({"size": size, "device": device, "reason": reason})
+            log(f"skipped {size} on {device}: {reason}")
+            continue
+        points = plan(settings, size, device)
+        if points:
+            work.append((size, device, on_device, points))
+    total = sum(len(points) * len(on_device) * (1 + settings.n_repeats) for _, _, on_device, points in work)
+    # (each backend's warm-up and memory calls count as one step of the bar)
+    with tqdm(total=total, desc="gpt2 bench", unit="call", dynamic_ncols=True) as bar:
+        runner = Runner(settings, report.limits, progress=bar.update)
+        for size, device, on_device, points in work:
+            config = settings.model_config(size)
+            params = init_params(config, seed=settings.seed, dtype=np.float32)
+            bar.set_postfix_str(f"building {size} models on {device}")
+            backends = [Backend(spec, config, params) for spec in on_device]
+            for point in points:
+                bar.set_postfix_str(point.label)
+                report.results += runner.run_point(point, backends, cpu_scale if device == "cpu" else 1.0)
+            for backend in backends:
+                backend.release()
+            del backends, params
+    if "tricks" in settings.workloads:
+        log("measuring numpy_gpt2/fast.py's tricks on the 124M shape ...")
+        from benchmarks import fast_tricks
+
+        report.results += fast_tricks.measure("gpt2", max(settings.n_repeats, 7))
+    if "load" in settings.workloads:
+        from benchmarks import load_memory
+
+        for size in settings.size_names:
+            if size == "custom":
+                continue
+            log(f"measuring checkpoint loading memory for {size} (writes a temporary checkpoint) ...")
+            report.results += load_memory.measure(size)
+    add_hf_ratios(report.results)
+    report.goals = evaluate_goals(report.results)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+        from benchmarks.plots import write_plots
+
+        write_plots(report, out_dir)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def _cell(row: dict) -> str:
+    if row["workload"] == "decode":
+        text = f"{row['ms_per_token']:.1f} ms"
+        if row.get("fraction_of_bandwidth") is not None:
+            text += f" · {100 * row['fraction_of_bandwidth']:.0f}% bw"
+    else:
+        text = f"{row['seconds']['median']:.3f} s"
+        if row.get("fraction_of_limit") is not None:
+            text += f" · {100 * row['fraction_of_limit']:.0f}%"
+    if "speedup_vs_hf" in row:
+        text += f" · {row['speedup_vs_hf']:.2f}×HF"
+    return text
+
+
+def render_markdown(report: Report) -> str:
+    """The terminal's (and RESULTS.md's) tables: machine, limits, every point, memory, goals, what was skipped."""
+    m, lines = report.machine, []
+    blas = m.get("openblas", {})
+    lines.append(f"**Machine:** {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, {m.get('memory_gib')} GiB"
+                 + (f"; GPU {m['gpu']['name']} ({m['gpu']['memory_gib']} GiB)" if m.get("gpu") else "; no GPU")
+                 + f". Python {m.get('python')}, numpy {m.get('numpy')} (OpenBLAS kernels: {blas.get('core')}, "
+                 f"chosen by {blas.get('chosen_by')}), torch {m.get('torch')}, transformers {m.get('transformers')}. "
+                 f"Threads: {report.threads}. Repeats: {Settings(**report.settings).n_repeats} per point, "
+                 "backends alternating; medians.")
+    cpu = report.limits.get("cpu")
+    if cpu:
+        lines += ["", "| CPU limit | measured |", "|---|---|"]
+        lines += [f"| float32 matmul 1024x768 @ 768x3072, {k} | {v:.0f} GFLOP/s |"
+                  for k, v in cpu["matmul_gflops"].items()]
+        lines += [f"| memory read, {k} | {v:.1f} GB/s |" for k, v in cpu["memory_read_gbs"].items()]
+        lines.append(f"| **limits used** | matmul {cpu['best_matmul_gflops']:.0f} GFLOP/s "
+                     f"({cpu['best_matmul_kernel']}), memory {cpu['memory_gbs']:.1f} GB/s |")
+    gpu = report.limits.get("cuda")
+    if gpu:
+        lines += ["", "| GPU limit | measured |", "|---|---|"]
+        lines += [f"| matmul 8192³ {k} | {v:.1f} TFLOP/s |" for k, v in gpu["matmul_tflops"].items()]
+        lines.append(f"| device copy bandwidth | {gpu['memory_gbs']:.0f} GB/s |")
+    for workload, what in (("forward", "seconds per forward · % of the matmul limit · speed-up vs HF"),
+                           ("train", "seconds per train step (fwd + bwd + AdamW) · % of the matmul limit · vs HF"),
+                           ("decode", "ms per token · weights read as % of memory bandwidth · vs HF")):
+        rows = [r for r in report.results if r["workload"] == workload]
+        if not rows:
+            continue
+        backends = list(dict.fromkeys(r["backend"] for r in rows))
+        lines += ["", f"**{workload}** ({what})", "",
+                  "| size | device | B | " + ("context" if workload == "decode" else "T") + " | "
+                  + " | ".join(backends) + " |", "|---|---|---|---|" + "---|" * len(backends)]
+        points = list(dict.fromkeys((r["size"], r["device"], r["B"], r["T"]) for r in rows))
+        for point in points:
+            cells = {r["backend"]: _cell(r) for r in rows if (r["size"], r["device"], r["B"], r["T"]) == point}
+            lines.append("| " + " | ".join(str(v) for v in point) + " | "
+                         + " | ".join(cells.get(b, "") for b in backends) + " |")
+    tricks = [r for r in report.results if r["workload"] == "tricks"]
+    if tricks:
+        lines += ["", f"**tricks** ({EXTRA_WORKLOADS['tricks']})", "",
+                  "| step | trick | spec | fast | share of the step saved |", "|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['backend']} | {1e3 * r['spec_s']:.1f} ms | {1e3 * r['fast_s']:.1f} ms | "
+                  f"{100 * r['gain']:.1f}% |" for r in tricks]
+    loads = [r for r in report.results if r["workload"] == "load"]
+    if loads:
+        lines += ["", f"**load** ({EXTRA_WORKLOADS['load']})", "",
+                  "| size | loader | file | peak RSS above baseline | x file | seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['backend']} | {r['file_bytes'] / 2**20:,.0f} MiB | "
+                  f"{(r['peak_rss'] - r['baseline_rss']) / 2**20:,.0f} MiB | {r['times_file_size']:.2f} | "
+                  f"{r['seconds']:.2f} |" for r in loads]
+    memory = [r for r in report.results if r.get("peak_memory_mib") is not None and r["size"] == "gpt2"]
+    if memory:
+        lines += ["", "**peak memory during one steady-state call** (MiB; CPU: C-heap in use above the start, i.e. "
+                  "activations and temporaries, weights excluded; CUDA: max_memory_allocated, weights included)", ""]
+        lines += ["| point | " + " | ".join(dict.fromkeys(r["backend"] for r in memory)) + " |"]
+        names = list(dict.fromkeys(r["backend"] for r in memory))
+        lines += ["|---|" + "---|" * len(names)]
+        for point in dict.fromkeys((r["workload"], r["device"], r["B"], r["T"]) for r in memory):
+            cells = {r["backend"]: f"{r['peak_memory_mib']:.0f}" for r in memory
+                     if (r["workload"], r["device"], r["B"], r["T"]) == point}
+            lines.append(f"| {point[0]} {point[1]} B={point[2]} T={point[3]} | "
+                         + " | ".join(cells.get(n, "") for n in names) + " |")
+    if report.goals:
+        lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
+        for g in report.goals:
+            value = "n/a" if g["value"] is None else (f"{100 * g['value']:.1f}%" if "of" in g["unit"]
+                                                      else f"{g['value']:.2f}{'x' if g['unit'] != 'ratio' else ''}")
+            target = f"{'<=' if g['lower_is_better'] else '>='} " + (
+                f"{100 * g['target']:.0f}%" if "of" in g["unit"] else f"{g['target']:.2f}")
+            lines.append(f"| {g['goal']} | {value} | {target} | {'yes' if g['met'] else 'NO'} |")
+    by_reason: dict[str, list[str]] = {}
+    for skip in report.skipped:
+        what = skip.get("backend") or f"{skip.get('size')} on {skip.get('device')}"
+        by_reason.setdefault(skip["reason"], []).append(what)
+    lines += [""] + [f"skipped {', '.join(whats)}: {reason}" for reason, whats in by_reason.items()]
+    return "\n".join(lines)
