@@ -15,7 +15,8 @@ engine's two layouts, float32), ``torch-cuda-{fp32,tf32,bf16}`` with ``-compile`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,30 +199,37 @@ class Backend:
 
         return run_hf
 
-    def decode_fn(self, prompt: np.ndarray) -> Callable[[int], object]:
-        """A function of n: decode n greedy tokens after ``prompt`` (no EOS stop)."""
+    def decode_fn(self, prompt: np.ndarray) -> Callable[[int], float]:
+        """A function of n returning the seconds per token of n greedy decoding steps after ``prompt``.
+
+        The prefill and the first token it yields are not timed: the clock starts when the first new token
+        arrives and stops when the (n + 1)-th does, so only the n cached one-token steps are measured. Each
+        backend's own token stream is timed (NumPy's and the engine's ``generate_stream``, Hugging Face's
+        ``generate`` through a streamer), and every step ends with the ids on the host, so GPU work is done.
+        """
         (x,) = self.inputs(prompt)
         if self.spec.family == "numpy":
             import numpy_gpt2
 
-            return lambda n: numpy_gpt2.generate(self.params, self.config, x, n, fast=True)
-        torch = self.torch
+            return lambda n: _seconds_per_step(numpy_gpt2.generate_stream(self.params, self.config, x, n + 1, fast=True))
         if self.spec.family == "torch":
-            def run(n: int) -> object:
+            from torch_gpt2 import generate_stream
+
+            def run(n: int) -> float:
                 with self.numerics():
-                    out = self.model.generate(x, n)
-                self.sync()
-                return out
+                    return _seconds_per_step(generate_stream(self.model, x, n + 1))
 
             return run
+        torch = self.torch
         mask = torch.ones_like(x)
 
-        def run_hf(n: int) -> object:
+        def run_hf(n: int) -> float:
+            stamps = _Stamps()
             with torch.no_grad(), self.numerics():
-                out = self.model.generate(x, attention_mask=mask, use_cache=True, do_sample=False,
-                                          max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-            self.sync()
-            return out
+                self.model.generate(x, attention_mask=mask, use_cache=True, do_sample=False, streamer=stamps,
+                                    max_new_tokens=n + 1, min_new_tokens=n + 1, eos_token_id=None, pad_token_id=0)
+            # HF's streamer is handed the prompt first, then each new token (already on the host in its loop)
+            return _seconds_per_step(iter(stamps.times[1:]), stamped=True)
 
         return run_hf
 
@@ -247,3 +255,31 @@ def build_hf_model(params: dict[str, np.ndarray], config: GPT2Config):
         raise RuntimeError(f"Hugging Face state mismatch: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval()
+
+
+class _Stamps:
+    """A ``transformers`` streamer that only records when each ``put`` arrives (duck-typed: put and end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: object) -> None:
+        if hasattr(value, "cpu"):
+            value.cpu()  # the token is needed on the host to go on: wait for it like the other backends
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _seconds_per_step(steps: Iterator, stamped: bool = False) -> float:
+    """Seconds per step after the first: ``steps`` yields once per new token (or is already timestamps)."""
+    if stamped:
+        times = list(steps)
+    else:
+        times = []
+        for _ in steps:
+            times.append(time.perf_counter())
+    if len(times) < 2:
+        raise ValueError(f"a decode timing needs at least 2 new tokens, got {len(times)}")
+    return (times[-1] - times[0]) / (len(times) - 1)

@@ -168,7 +168,7 @@ class Runner:
         config = backends[0].config
         rng = np.random.default_rng(self.settings.seed)
         if point.workload == "decode":
-            # the timed calls decode new_tokens + 1 tokens, so the cache ends at T
+            # the prefill's token and new_tokens timed steps follow the prompt, so the cache ends at T
             data = rng.integers(0, config.vocab_size, (point.B, point.T - point.new_tokens - 1))
         else:
             data = rng.integers(0, config.vocab_size, (point.B, point.T + 1))
@@ -207,12 +207,7 @@ class Runner:
             fn = backend.train_fn(data[:, :-1], data[:, 1:])
             return lambda: timed(fn)
         decode = backend.decode_fn(data)
-        n = point.new_tokens
-
-        def per_token() -> float:  # (n + 1 tokens) - (1 token): decoding steps only, the prefill cancels out
-            return (timed(lambda: decode(n + 1)) - timed(lambda: decode(1))) / n
-
-        return per_token
+        return lambda: decode(point.new_tokens)  # seconds per cached one-token step, the prefill untimed
 
     def _peak_memory(self, backend: Backend, fn: Callable[[], float]) -> float | None:
         """One untimed call; returns its peak memory in MiB (CPU: C-heap peak above the start; CUDA: allocated)."""
