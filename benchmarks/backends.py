@@ -211,7 +211,8 @@ class Backend:
         if self.spec.family == "numpy":
             import numpy_gpt2
 
-            return lambda n: _seconds_per_step(numpy_gpt2.generate_stream(self.params, self.config, x, n + 1, fast=True))
+            params, config = self.params, self.config
+            return lambda n: _seconds_per_step(numpy_gpt2.generate_stream(params, config, x, n + 1, fast=True))
         if self.spec.family == "torch":
             from torch_gpt2 import generate_stream
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from importlib import metadata
 
-from gpt2_cli import bench, convert, generate, gradcheck, parity
+from gpt2_cli import bench, convert, generate, gradcheck, parity, train
 
-COMMANDS = (parity, generate, convert, gradcheck, bench)
+COMMANDS = (parity, generate, convert, gradcheck, train, bench)
 
 
 def version() -> str:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # NumPy's big temporaries: reuse freed memory instead of page-faulting fresh maps
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, TokenizerError are ValueErrors
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # Config/Checkpoint/TokenizerError: ValueErrors
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

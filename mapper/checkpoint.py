@@ -491,9 +491,9 @@ def save_checkpoint(
         tensors = to_module_state(params, config, fmt)
         metadata[_LAYOUT_KEY] = fmt
         config_dict[_LAYOUT_KEY] = fmt
-    _atomic_write(directory / "model.safetensors", lambda f: _write_safetensors(f, tensors, metadata))
+    atomic_write(directory / "model.safetensors", lambda f: _write_safetensors(f, tensors, metadata))
     config_bytes = (json.dumps(config_dict, indent=2) + "\n").encode()
-    _atomic_write(directory / "config.json", lambda f: f.write(config_bytes))
+    atomic_write(directory / "config.json", lambda f: f.write(config_bytes))
     return directory
 
 
@@ -517,7 +517,9 @@ def _write_safetensors(f: BinaryIO, tensors: dict[str, np.ndarray], metadata: di
         f.write(memoryview(little).cast("B"))
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` so that a crash leaves the old file or the new one, never half of one: ``write(f)`` fills a
+    temporary file in the same folder, which is fsynced, then renamed over ``path``; the rename is fsynced too."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -535,3 +537,20 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+                 ) -> None:
+    """Write float32/float64 arrays under any names to one safetensors file, atomically (e.g. optimizer state)."""
+    for name, arr in tensors.items():
+        if np.dtype(arr.dtype) not in _SAFETENSORS_CODE:
+            raise CheckpointError(f"cannot save {name!r}: dtype {arr.dtype}; only float32/float64 are written")
+    atomic_write(Path(path), lambda f: _write_safetensors(f, tensors, {"format": "pt", **(metadata or {})}))
+
+
+def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read every tensor of a safetensors file and its metadata (what ``save_tensors`` wrote)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file} does not exist")
+    return {key: stored.read() for key, stored in _safetensors_source(file).items()}, _safetensors_metadata(file)

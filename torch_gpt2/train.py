@@ -1,12 +1,17 @@
-"""Training utilities for the torch engine: AdamW groups, the learning-rate schedule, one optimizer step."""
+"""Training utilities for the torch engine: AdamW groups and one optimizer step (the schedule: tasks.schedule)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from tasks.schedule import lr_at
+
+__all__ = ["configure_adamw", "lr_at", "train_step"]
 
 
 def configure_adamw(
@@ -36,23 +41,6 @@ def configure_adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=None if fused else False, fused=fused)
 
 
-def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
-    """Learning rate of 0-based ``step``: linear warm-up, then cosine decay to ``min_lr`` at ``total_steps``.
-
-    warm-up (step < W):      max_lr * (step + 1) / W
-    decay (W <= step < N):   min_lr + (max_lr - min_lr) * (1 + cos(pi * (step - W) / (N - W))) / 2
-    after (step >= N):       min_lr
-    """
-    if warmup_steps < 0 or total_steps < 0 or step < 0:
-        raise ValueError(f"step {step}, warmup_steps {warmup_steps} and total_steps {total_steps} must be >= 0")
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
-    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -60,13 +48,18 @@ def train_step(
     lr: float | None = None,
     grad_clip: float | None = 1.0,
     scaler: torch.amp.GradScaler | None = None,
+    reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimizer step over gradient-accumulated micro-batches of (tokens [B, T], targets [B, T]).
 
     Each micro-batch's mean loss is divided by their number before ``backward``, so the gradient is that
     of the mean of micro-batch losses (the full batch's mean when the micro-batches count the same number
-    of targets). Then the global gradient norm is clipped to ``grad_clip`` (None: not clipped) and the
+    of targets). A non-finite loss raises ``FloatingPointError`` before the optimizer touches anything (one
+    host sync per step). Then the global gradient norm is clipped to ``grad_clip`` (None: not clipped) and the
     optimizer steps with ``lr`` (None: keep the groups' lr). ``scaler`` is needed for fp16 autocast.
+    ``reduce_loss`` maps the summed loss before it is checked and reported (a distributed run averages it over
+    ranks there, so every rank makes the same decision). Under DistributedDataParallel the gradients are
+    synchronised once, on the last micro-batch.
     Returns {"loss": mean micro-batch loss, "grad_norm": norm before clipping, "lr": lr used}.
     """
     if not micro_batches:
@@ -75,12 +68,21 @@ def train_step(
         for group in optimizer.param_groups:
             group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
-    for tokens, targets in micro_batches:
-        _, loss = model(tokens, targets)
-        scaled = loss / len(micro_batches)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total_loss += loss.detach()
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce only on the last micro-batch
+    for i, (tokens, targets) in enumerate(micro_batches):
+        with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            _, loss = model(tokens, targets)
+            scaled = loss / len(micro_batches)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total_loss += loss.detach().to(total_loss.dtype)
+    if reduce_loss is not None:
+        total_loss = reduce_loss(total_loss)
+    mean_loss = float(total_loss) / len(micro_batches)
+    if not math.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the loss is {mean_loss}; the optimizer step was skipped, parameters unchanged")
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf,
@@ -90,8 +92,4 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    return {
-        "loss": float(total_loss) / len(micro_batches),
-        "grad_norm": float(grad_norm),
-        "lr": float(optimizer.param_groups[0]["lr"]),
-    }
+    return {"loss": mean_loss, "grad_norm": float(grad_norm), "lr": float(optimizer.param_groups[0]["lr"])}

@@ -1,0 +1,203 @@
+"""``gpt2 train``: pretrain GPT-2 on text files with either backend (the loop itself is ``tasks.training``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from gpt2_cli.common import add_model_args, load_tokenizer_for, non_negative_int, positive_int
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain on text files (resumable; torchrun for several processes)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pretrain GPT-2 from its seeded initialisation (or from --init-from) on text files, as the "
+        "course's chapter 5 does on The Verdict: the text is tokenized, split 90/10 by position into training "
+        "and validation text, and cut into windows of --context tokens every --stride tokens. Every --eval-every "
+        "steps the train and validation losses and a greedy sample are logged. DIR receives log.jsonl, loss.png, "
+        "the model (Hugging Face layout: `gpt2 generate --weights DIR` and transformers load it) and a checkpoint "
+        "that --resume continues bit-exactly. Ctrl-C writes a checkpoint and stops. Several processes: "
+        "`torchrun --nproc-per-node N $(which gpt2) train --backend torch ...` (DistributedDataParallel).",
+        epilog="The course's run: gpt2 train --data data/the-verdict.txt --out runs/verdict --epochs 10 "
+        "--decay all (124M shape, context 256, batch 2, lr 4e-4, weight decay 0.1, eval every 5 steps).",
+    )
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, joined with "
+                   "<|endoftext|>")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run's folder (must not hold another run "
+                   "unless --resume)")
+    p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
+                   help="the NumPy spec (readable loop) or the torch engine")
+    add_model_args(p, "gpt2, the 124M shape", weights=False)
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights instead of the seeded init")
+    p.add_argument("--context", type=positive_int, default=256, help="tokens per training window")
+    p.add_argument("--stride", type=positive_int, default=256, help="tokens between window starts")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=non_negative_float, default=4e-4, help="peak learning rate")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant (the course's) or linear warm-up then cosine to --min-lr at the last step")
+    p.add_argument("--min-lr", type=non_negative_float, default=0.0, help="the cosine schedule's final lr")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW's decoupled weight decay")
+    p.add_argument("--decay", choices=["matrices", "all"], default="matrices",
+                   help="which tensors decay: the >=2-D ones (GPT-2, nanoGPT) or all of them (the course's "
+                   "torch.optim.AdamW(model.parameters()))")
+    p.add_argument("--grad-clip", type=non_negative_float, default=0.0,
+                   help="clip the global gradient norm to this (0: no clipping, as the course)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, default=None, help="passes over the training windows "
+                        "(default 1 unless --max-steps)")
+    length.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps instead of epochs")
+    p.add_argument("--eval-every", type=positive_int, default=5, help="evaluate and sample every N steps (also "
+                   "after the first and the last)")
+    p.add_argument("--eval-batches", type=positive_int, default=5, help="batches per evaluation loss")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="the text's tail kept for validation")
+    p.add_argument("--seed", type=int, default=123, help="seeds the init and the data order")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and arithmetic")
+    p.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="torch mixed precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sample-prompt", default="Every effort moves you", help="greedy sample at each evaluation "
+                   "('' for none)")
+    p.add_argument("--sample-tokens", type=non_negative_int, default=50, help="tokens per sample")
+    p.add_argument("--save-every", type=non_negative_int, default=0,
+                   help="checkpoint every N steps (0: at the end of each epoch)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same arguments)")
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="K",
+                   help="checkpoint after step K and exit, as Ctrl-C does (for --resume)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files (default: the copy "
+                   "shipped with this package)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Combinations argparse cannot see; before anything is loaded or written."""
+    if args.backend == "numpy":
+        for flag, value in (("--device", args.device), ("--autocast", args.autocast), ("--compile", args.compile)):
+            if value:
+                raise ValueError(f"{flag} is a torch option; the numpy backend runs on the CPU in --dtype")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError("several processes (torchrun) train only with --backend torch")
+    if args.autocast and args.dtype == "float64":
+        raise ValueError("--autocast needs --dtype float32")
+    if args.init_from and (args.preset or args.config):
+        raise ValueError("give either --init-from or --preset/--config, not both")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+
+
+def model_config(args: argparse.Namespace):
+    """(config, params or None, init description); the seeded init waits until every check has passed."""
+    from mapper import load_checkpoint
+    from mapper.config import GPT2Config
+
+    if args.init_from:
+        config, params = load_checkpoint(args.init_from)
+        return config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()}, str(
+            Path(args.init_from).resolve())
+    spec_is_file = bool(args.config) and Path(args.config).is_file()
+    preset = args.preset or (None if spec_is_file else "gpt2")
+    return GPT2Config.from_spec(preset, args.config), None, f"seed {args.seed}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from mapper import init_params
+    from tasks import training
+    from tasks.text import prepare
+
+    check_args(args)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    device = "cpu"
+    if args.backend == "torch":
+        import torch
+
+        from torch_gpt2 import resolve_device
+
+        device = str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+    out = Path(args.out)
+    training.check_out_dir(out, args.resume)
+    config, params, init = model_config(args)
+    if args.context > config.n_positions:
+        raise ValueError(f"--context {args.context} exceeds the model's {config.n_positions} positions")
+    encoder = load_tokenizer_for(args.tokenizer)
+    data = prepare(args.data, encoder, args.context, args.stride, args.val_fraction, args.batch_size,
+                   cache_dir=out)
+    if data.train.ids.size and int(data.train.ids.max()) >= config.vocab_size:
+        raise ValueError(f"the text holds token id {int(data.train.ids.max())}, outside the model's vocabulary "
+                         f"of {config.vocab_size}")
+    run_args = training.RunArgs(
+        backend=args.backend, dtype=args.dtype, config=config.to_dict(), init=init,
+        data=[str(Path(d).resolve()) for d in args.data], data_sha256=data.sha256, context=args.context,
+        stride=args.stride, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        schedule=args.schedule, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, decay=args.decay, grad_clip=args.grad_clip, epochs=args.epochs,
+        max_steps=args.max_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        val_fraction=args.val_fraction, seed=args.seed, sample_prompt=args.sample_prompt,
+        sample_tokens=args.sample_tokens, save_every=args.save_every, device=device, autocast=args.autocast,
+        compile=args.compile, world_size=world)
+    if training.steps_per_epoch(data, run_args) == 0:
+        raise ValueError(f"one optimizer step needs {args.grad_accum} batches of {args.batch_size} windows, but the "
+                         f"training text makes {len(data.train)} windows")
+    if not args.resume and params is None:
+        params = init_params(config, args.seed, args.dtype)
+
+    def make_backend(config, params):
+        if args.backend == "numpy":
+            from numpy_gpt2.training import NumpyBackend
+
+            return NumpyBackend(config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()},
+                                args.weight_decay, args.decay)
+        from torch_gpt2.training import TorchBackend
+
+        return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
+                            autocast=args.autocast, compile=args.compile)
+
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+    total = training.planned_steps(data, run_args)
+    say(f"gpt2 train: {args.backend} on {device}, {config.n_layer} layers x {config.n_embd}, {init}; "
+        f"{len(data.train)} training / {len(data.val)} validation windows of {args.context} tokens; "
+        f"{total} steps" + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
+    try:
+        progress = training.run(run_args, data, out, encoder, config, params, make_backend, resume=args.resume,
+                                stop_after=args.stop_after, show_progress=not args.quiet)
+    except training.Stop as e:
+        say(f"gpt2 train: {e}", file=sys.stderr)
+        return 0
+    finally:
+        if args.backend == "torch":
+            from torch_gpt2.training import finish
+
+            finish()
+    last = progress.history[-1] if progress.history else {}
+    summary = ", ".join(f"{k.replace('_', ' ')} {last[k]:.3f}" for k in ("train_loss", "val_loss") if k in last)
+    say(f"gpt2 train: done, {progress.step} steps in {progress.elapsed:.1f} s ({summary}); model in {out} "
+        f"(try: gpt2 generate --weights {out} --prompt {args.sample_prompt or 'Hello'!r})", file=sys.stderr)
+    return 0

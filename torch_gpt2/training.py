@@ -1,0 +1,154 @@
+"""The torch engine as a training backend of ``tasks.training``, on one process or under ``torchrun`` with
+DistributedDataParallel (gloo on the CPU, nccl on CUDA).
+
+Distributed: every rank holds the whole model; each takes its share of every micro-batch (rows
+``rank * B / world`` .. ``(rank + 1) * B / world``), DDP averages the gradients, and the losses are averaged
+over ranks, so a step equals the single-process step on the whole batch up to float32 rounding. Rank 0 logs,
+samples and writes checkpoints; the others wait at a barrier. Evaluation runs the same batches on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from mapper.config import GPT2Config
+from mapper.layouts import from_module_state, to_module_state
+from torch_gpt2.model import GPT2
+from torch_gpt2.train import configure_adamw, train_step
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class TorchBackend:
+    """A ``GPT2`` module, AdamW (``configure_adamw``), and DDP when ``torchrun`` started several processes."""
+
+    name = "torch"
+
+    def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float, decay: str,
+                 device: str | None = None, dtype: str = "float32", autocast: str | None = None,
+                 compile: bool = False, attention: str = "fused", betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.config = config
+        self.rank, self.world = distributed_world()
+        self.is_main = self.rank == 0
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if (device or "").startswith("cuda") else "gloo"
+            torch.distributed.init_process_group(backend)
+        if self.world > 1 and (device or "").startswith("cuda") and ":" not in device:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
+        np_params = {k: v.astype(dtype, copy=False) for k, v in params.items()}
+        self.model = GPT2.from_params(np_params, config, attention, device=device,
+                                      autocast_dtype=AUTOCAST[autocast] if autocast else None, compile=compile)
+        self.optimizer = configure_adamw(self.model, lr=0.0, weight_decay=weight_decay, betas=betas, eps=eps,
+                                         decay=decay)
+        self.scaler = torch.amp.GradScaler(self.model.device.type) if autocast == "fp16" else None
+        self.trained = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.model.device.index] if self.model.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=ids)
+
+    # ------------------------------------------------------------------ the loop's interface
+
+    def _share(self, array: np.ndarray) -> np.ndarray:
+        """This rank's rows of a batch (the whole batch on one process)."""
+        if self.world == 1:
+            return array
+        if len(array) % self.world:
+            raise ValueError(f"a batch of {len(array)} rows does not split over {self.world} processes; choose a "
+                             f"--batch-size divisible by {self.world}")
+        n = len(array) // self.world
+        return array[self.rank * n : (self.rank + 1) * n]
+
+    def _all_ranks_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value
+
+    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float, grad_clip: float | None
+             ) -> tuple[float, float]:
+        batches = [(self.model.to_device(self._share(x)), self.model.to_device(self._share(y), "targets"))
+                   for x, y in micro_batches]
+        with self.model.autocast_context() if self.scaler is None else contextlib.nullcontext():
+            stats = train_step(self.trained, self.optimizer, batches, lr=lr, grad_clip=grad_clip, scaler=self.scaler,
+                               reduce_loss=self._all_ranks_mean)
+        return stats["loss"], stats["grad_norm"]
+
+    @torch.no_grad()
+    def loss(self, tokens: np.ndarray, targets: np.ndarray) -> float:
+        _, value = self.model(self.model.to_device(tokens), self.model.to_device(targets, "targets"))
+        return float(value)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+        n = min(max_new_tokens, self.config.n_positions - len(prompt))
+        ids = self.model.generate(prompt, n, eos_token_id=eos_token_id)[len(prompt):]
+        return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self.model.to_params()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW's moments mapped to the canonical schema like the weights (the layout change is linear)."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        m, v, steps = {}, {}, set()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if not state:  # no step taken yet
+                    m[names[id(p)]] = np.zeros(p.shape, dtype=self._np_dtype)
+                    v[names[id(p)]] = np.zeros(p.shape, dtype=self._np_dtype)
+                    steps.add(0)
+                    continue
+                m[names[id(p)]] = state["exp_avg"].detach().cpu().numpy()
+                v[names[id(p)]] = state["exp_avg_sq"].detach().cpu().numpy()
+                steps.add(int(state["step"]))
+        if len(steps) != 1:
+            raise RuntimeError(f"AdamW's parameters disagree on the step count: {sorted(steps)}")
+        out = {"t": np.array([steps.pop()], dtype=np.float64)}
+        for prefix, state in (("m.", m), ("v.", v)):
+            out.update({prefix + k: a for k, a in from_module_state(state, self.config, self.model.attention).items()})
+        return out
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        t = int(state["t"][0])
+        moments = {}
+        for prefix in ("m.", "v."):
+            canonical = {k[len(prefix):]: a for k, a in state.items() if k.startswith(prefix)}
+            moments[prefix] = to_module_state(canonical, self.config, self.model.attention)
+        for name, p in self.model.named_parameters():
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(t), dtype=torch.float32, device=p.device if self._fused else "cpu"),
+                "exp_avg": torch.from_numpy(moments["m."][name]).to(device=p.device, dtype=p.dtype),
+                "exp_avg_sq": torch.from_numpy(moments["v."][name]).to(device=p.device, dtype=p.dtype),
+            }
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    @property
+    def _np_dtype(self) -> np.dtype:
+        return np.float64 if self.model.dtype == torch.float64 else np.float32
+
+    @property
+    def _fused(self) -> bool:
+        return bool(self.optimizer.defaults.get("fused"))
+
+
+def finish() -> None:
+    """Leave the process group (after a distributed run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
