@@ -48,17 +48,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, joined with "
                    "<|endoftext|>")
+    add_run_args(p, batch_size=2, lr=4e-4, eval_every=5, what="windows")
+    p.add_argument("--context", type=positive_int, default=256, help="tokens per training window")
+    p.add_argument("--stride", type=positive_int, default=256, help="tokens between window starts")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="the text's tail kept for validation")
+    p.add_argument("--sample-prompt", default="Every effort moves you", help="greedy sample at each evaluation "
+                   "('' for none)")
+    p.add_argument("--sample-tokens", type=non_negative_int, default=50, help="tokens per sample")
+    p.set_defaults(func=run)
+
+
+def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_every: int, what: str) -> None:
+    """The options every training command shares (gpt2 train and gpt2 finetune ...)."""
     p.add_argument("--out", required=True, metavar="DIR", help="the run's folder (must not hold another run "
                    "unless --resume)")
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
                    help="the NumPy spec (readable loop) or the torch engine")
     add_model_args(p, "gpt2, the 124M shape", weights=False)
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights instead of the seeded init")
-    p.add_argument("--context", type=positive_int, default=256, help="tokens per training window")
-    p.add_argument("--stride", type=positive_int, default=256, help="tokens between window starts")
-    p.add_argument("--batch-size", type=positive_int, default=2, help="windows per micro-batch")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"{what} per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=non_negative_float, default=4e-4, help="peak learning rate")
+    p.add_argument("--lr", type=non_negative_float, default=lr, help="peak learning rate")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="constant (the course's) or linear warm-up then cosine to --min-lr at the last step")
     p.add_argument("--min-lr", type=non_negative_float, default=0.0, help="the cosine schedule's final lr")
@@ -70,21 +80,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=non_negative_float, default=0.0,
                    help="clip the global gradient norm to this (0: no clipping, as the course)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int, default=None, help="passes over the training windows "
+    length.add_argument("--epochs", type=positive_int, default=None, help="passes over the training set "
                         "(default 1 unless --max-steps)")
     length.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps instead of epochs")
-    p.add_argument("--eval-every", type=positive_int, default=5, help="evaluate and sample every N steps (also "
+    p.add_argument("--eval-every", type=positive_int, default=eval_every, help="evaluate every N steps (also "
                    "after the first and the last)")
     p.add_argument("--eval-batches", type=positive_int, default=5, help="batches per evaluation loss")
-    p.add_argument("--val-fraction", type=fraction, default=0.1, help="the text's tail kept for validation")
     p.add_argument("--seed", type=int, default=123, help="seeds the init and the data order")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and arithmetic")
     p.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
     p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="torch mixed precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sample-prompt", default="Every effort moves you", help="greedy sample at each evaluation "
-                   "('' for none)")
-    p.add_argument("--sample-tokens", type=non_negative_int, default=50, help="tokens per sample")
     p.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same arguments)")
@@ -93,7 +99,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files (default: the copy "
                    "shipped with this package)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -126,6 +131,79 @@ def model_config(args: argparse.Namespace):
     return GPT2Config.from_spec(preset, args.config), None, f"seed {args.seed}"
 
 
+def resolve_run_device(args: argparse.Namespace) -> str:
+    """The torch device (checked) or "cpu" for the numpy backend."""
+    if args.backend != "torch":
+        return "cpu"
+    import torch
+
+    from torch_gpt2 import resolve_device
+
+    return str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+
+
+def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] | None = None, lora=None):
+    """make_backend(config, params) for ``tasks.training.run``."""
+
+    def make_backend(config, params):
+        if args.backend == "numpy":
+            from numpy_gpt2.training import NumpyBackend
+
+            return NumpyBackend(config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()},
+                                args.weight_decay, args.decay, trainable=trainable, lora=lora)
+        from torch_gpt2.training import TorchBackend
+
+        return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
+                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora)
+
+    return make_backend
+
+
+def common_run_args(args: argparse.Namespace, config, init: str, data: list[str], sha256: str, device: str,
+                    **task) -> dict:
+    """The RunArgs fields every training command fills the same way."""
+    return dict(
+        backend=args.backend, dtype=args.dtype, config=config.to_dict(), init=init,
+        data=[str(Path(d).resolve()) for d in data], data_sha256=sha256, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, decay=args.decay, grad_clip=args.grad_clip,
+        epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        seed=args.seed, save_every=args.save_every, device=device, autocast=args.autocast, compile=args.compile,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)), **task)
+
+
+def execute(command: str, args: argparse.Namespace, run_args, data, encoder, config, params, make_backend,
+            description: str):
+    """Run (or resume) the loop; returns its Progress, or None when it stopped early on purpose."""
+    from tasks import training
+
+    world = run_args.world_size
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+    if training.steps_per_epoch(data, run_args) == 0:
+        raise ValueError(f"one optimizer step needs {args.grad_accum} batches of {args.batch_size}, but the training "
+                         f"set holds {data.n_train}")
+    total = training.planned_steps(data, run_args)
+    say(f"gpt2 {command}: {args.backend} on {run_args.device}, {config.n_layer} layers x {config.n_embd}, "
+        f"{run_args.init}; {description}; {total} steps" + (f" over {world} processes" if world > 1 else ""),
+        file=sys.stderr)
+    try:
+        progress = training.run(run_args, data, Path(args.out), encoder, config, params, make_backend,
+                                resume=args.resume, stop_after=args.stop_after, show_progress=not args.quiet)
+    except training.Stop as e:
+        say(f"gpt2 {command}: {e}", file=sys.stderr)
+        return None
+    finally:
+        if args.backend == "torch":
+            from torch_gpt2.training import finish
+
+            finish()
+    last = progress.history[-1] if progress.history else {}
+    summary = ", ".join(f"{k.replace('_', ' ')} {last[k]:.3f}" for k in ("train_loss", "val_loss") if k in last)
+    say(f"gpt2 {command}: done, {progress.step} steps in {progress.elapsed:.1f} s ({summary}); model in {args.out}",
+        file=sys.stderr)
+    return progress
+
+
 def run(args: argparse.Namespace) -> int:
     from mapper import init_params
     from tasks import training
@@ -135,13 +213,7 @@ def run(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    device = "cpu"
-    if args.backend == "torch":
-        import torch
-
-        from torch_gpt2 import resolve_device
-
-        device = str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+    device = resolve_run_device(args)
     out = Path(args.out)
     training.check_out_dir(out, args.resume)
     config, params, init = model_config(args)
@@ -153,51 +225,15 @@ def run(args: argparse.Namespace) -> int:
     if data.train.ids.size and int(data.train.ids.max()) >= config.vocab_size:
         raise ValueError(f"the text holds token id {int(data.train.ids.max())}, outside the model's vocabulary "
                          f"of {config.vocab_size}")
-    run_args = training.RunArgs(
-        backend=args.backend, dtype=args.dtype, config=config.to_dict(), init=init,
-        data=[str(Path(d).resolve()) for d in args.data], data_sha256=data.sha256, context=args.context,
-        stride=args.stride, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        schedule=args.schedule, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, decay=args.decay, grad_clip=args.grad_clip, epochs=args.epochs,
-        max_steps=args.max_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        val_fraction=args.val_fraction, seed=args.seed, sample_prompt=args.sample_prompt,
-        sample_tokens=args.sample_tokens, save_every=args.save_every, device=device, autocast=args.autocast,
-        compile=args.compile, world_size=world)
-    if training.steps_per_epoch(data, run_args) == 0:
-        raise ValueError(f"one optimizer step needs {args.grad_accum} batches of {args.batch_size} windows, but the "
-                         f"training text makes {len(data.train)} windows")
+    run_args = training.RunArgs(**common_run_args(
+        args, config, init, args.data, data.sha256, device, context=args.context, stride=args.stride,
+        val_fraction=args.val_fraction, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens))
     if not args.resume and params is None:
         params = init_params(config, args.seed, args.dtype)
-
-    def make_backend(config, params):
-        if args.backend == "numpy":
-            from numpy_gpt2.training import NumpyBackend
-
-            return NumpyBackend(config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()},
-                                args.weight_decay, args.decay)
-        from torch_gpt2.training import TorchBackend
-
-        return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
-                            autocast=args.autocast, compile=args.compile)
-
-    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
-    total = training.planned_steps(data, run_args)
-    say(f"gpt2 train: {args.backend} on {device}, {config.n_layer} layers x {config.n_embd}, {init}; "
-        f"{len(data.train)} training / {len(data.val)} validation windows of {args.context} tokens; "
-        f"{total} steps" + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
-    try:
-        progress = training.run(run_args, data, out, encoder, config, params, make_backend, resume=args.resume,
-                                stop_after=args.stop_after, show_progress=not args.quiet)
-    except training.Stop as e:
-        say(f"gpt2 train: {e}", file=sys.stderr)
-        return 0
-    finally:
-        if args.backend == "torch":
-            from torch_gpt2.training import finish
-
-            finish()
-    last = progress.history[-1] if progress.history else {}
-    summary = ", ".join(f"{k.replace('_', ' ')} {last[k]:.3f}" for k in ("train_loss", "val_loss") if k in last)
-    say(f"gpt2 train: done, {progress.step} steps in {progress.elapsed:.1f} s ({summary}); model in {out} "
-        f"(try: gpt2 generate --weights {out} --prompt {args.sample_prompt or 'Hello'!r})", file=sys.stderr)
+    description = (f"{len(data.train)} training / {len(data.val)} validation windows of {args.context} tokens")
+    progress = execute("train", args, run_args, data, encoder, config, params, backend_factory(args, device),
+                       description)
+    if progress is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"gpt2 train: try `gpt2 generate --weights {out} --prompt {args.sample_prompt or 'Hello'!r}`",
+              file=sys.stderr)
     return 0

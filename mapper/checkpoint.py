@@ -14,6 +14,15 @@ raised before any parameter is returned: a checkpoint loads whole or not at all.
 
 Write (``save_checkpoint``): a directory with ``model.safetensors`` (Hugging Face names and layout, so
 ``transformers.GPT2LMHeadModel.from_pretrained(dir)`` loads it) and ``config.json``, each written atomically.
+
+Classification heads are Hugging Face's ``score.weight`` without bias. Files this project wrote before that
+change also hold a ``score.bias``: one that is exactly zero is dropped (the head computes the same logits
+without it); a nonzero one is refused, because no bias-free head reproduces it.
+
+LoRA adapters are never written into a model checkpoint: transformers would ignore the unknown keys and
+silently compute the base model. ``save_checkpoint`` refuses them and names the two ways out:
+``mapper.merge_lora`` (a plain GPT-2 every loader reads) or ``save_lora_adapters`` (the adapters alone, with
+their LoraConfig, beside an unchanged base checkpoint; ``load_lora_adapters`` reads them back).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from mapper import tf_checkpoint
 from mapper.config import PRESETS, GPT2Config
 from mapper.errors import CheckpointError, ConfigError
 from mapper.layouts import ATTENTION_LAYOUTS, from_module_state, to_module_state
+from mapper.lora import LoraConfig, check_lora_params, is_lora_key
 from mapper.schema import describe_key_mismatch, param_shapes, validate_params
 
 # Buffers, not parameters: the causal mask (``attn.bias`` [1, 1, P, P]) and the mask fill value
@@ -48,6 +58,7 @@ _SAFETENSORS_ITEMSIZE = {
 _SAFETENSORS_CODE = {np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
 _LAYOUT_KEY = "gpt2_layout"  # metadata / config.json field naming a torch-module layout (custom or fused)
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger "length" means this is not one
+_LORA_METADATA_KEY = "gpt2_lora"  # safetensors metadata of an adapters file: the LoraConfig as JSON
 
 
 @dataclass(frozen=True)
@@ -184,8 +195,10 @@ def _assemble(
         expected["score.weight"] = expected["score.weight"][::-1]
     if config.tie_word_embeddings and "lm_head.weight" in stored:
         expected["lm_head.weight"] = (config.vocab_size, config.n_embd)
-    optional = {"score.bias"}  # Hugging Face's score has no bias: a missing one is zero
-    missing = [k for k in expected if k not in stored and k not in optional]
+    if "score.bias" in stored and "score.weight" in expected:
+        stored = dict(stored)
+        _check_zero_score_bias(stored.pop("score.bias").read(), origin)
+    missing = [k for k in expected if k not in stored]
     unexpected = [stored[k].key for k in stored if k not in expected]
     if missing or unexpected:
         raise CheckpointError(
@@ -209,13 +222,22 @@ def _assemble(
         raise CheckpointError(f"{origin} mixes dtypes {dtypes}; this project keeps one dtype per model")
     if "score.weight" in params:
         params["score.weight"] = np.ascontiguousarray(params["score.weight"].T)
-        params.setdefault("score.bias", np.zeros(config.n_classes, dtype=params["score.weight"].dtype))
     if config.tie_word_embeddings and "lm_head.weight" in params:
         if np.array_equal(params["lm_head.weight"], params["wte.weight"]):
             del params["lm_head.weight"]
         else:
             config = config.replace(tie_word_embeddings=False)
     return config, {name: params[name] for name in param_shapes(config)}
+
+
+def _check_zero_score_bias(bias: np.ndarray, origin: str) -> None:
+    """An older file's ``score.bias``: dropped when it is exactly zero, refused otherwise (module docstring)."""
+    if np.any(bias != 0):
+        raise CheckpointError(
+            f"{origin} holds a nonzero 'score.bias' (max |b| = {float(np.abs(bias).max()):.3g}); classification heads "
+            "here are Hugging Face's score.weight without bias, and no bias-free head computes the same logits. "
+            "Retrain the head, or load the file with an older version of this project"
+        )
 
 
 def _infer_config(stored: dict[str, _Stored], origin: str) -> GPT2Config:
@@ -333,6 +355,8 @@ def _load_module_layout(raw: dict[str, _Stored], layout: str, file: Path) -> tup
     if config is None:
         raise CheckpointError(f"{file} is in the torch engine's {layout!r} layout and needs its config.json beside it")
     state = {key: stored.read() for key, stored in raw.items()}
+    if "score.bias" in state and config.n_classes is not None:
+        _check_zero_score_bias(state.pop("score.bias"), str(file))
     try:
         params = from_module_state(state, config, layout)
         validate_params(params, config)
@@ -461,13 +485,24 @@ def save_checkpoint(
     in the safetensors metadata and config.json (``"gpt2_layout"``); ``load_checkpoint`` reads it back.
 
     Writes ``model.safetensors`` in Hugging Face's names and layout (``transformer.`` prefix on the body,
-    ``lm_head.weight`` only when untied, ``score.weight`` transposed to nn.Linear's [n_classes, C] plus our
-    ``score.bias``), metadata ``{"format": "pt"}``, and ``config.json``; each file atomically (temp file in
+    ``lm_head.weight`` only when untied, ``score.weight`` transposed to nn.Linear's [n_classes, C], no bias, so
+    ``transformers.GPT2ForSequenceClassification.from_pretrained`` reads a classifier; its config.json carries
+    ``pad_token_id``), metadata ``{"format": "pt"}``, and ``config.json``; each file atomically (temp file in
     the same directory, fsync, rename), so a crash leaves the old file or the new one, never half of one.
+
+    Parameters holding LoRA adapters are refused (module docstring): merge them first (``mapper.merge_lora``),
+    or write the adapters alone with :func:`save_lora_adapters`.
     """
     if fmt not in ("hf", *ATTENTION_LAYOUTS):
         raise CheckpointError(f"unknown checkpoint layout {fmt!r}; choose 'hf', 'custom' or 'fused'")
     directory = Path(path)
+    adapters = [k for k in params if is_lora_key(k)]
+    if adapters:
+        raise CheckpointError(
+            f"cannot save to {directory}: the parameters hold {len(adapters)} LoRA adapter tensor(s) ({adapters[0]}, "
+            "...), which transformers and every GPT-2 loader would ignore. Save mapper.merge_lora(params, lora) for "
+            "a plain GPT-2, or the adapters alone with mapper.save_lora_adapters(params, lora, path)"
+        )
     try:
         validate_params(params, config)
     except ValueError as e:
@@ -483,7 +518,7 @@ def save_checkpoint(
         for name in param_shapes(config):
             if name == "score.weight":
                 tensors[name] = params[name].T  # canonical [C, n_classes] -> nn.Linear [n_classes, C]
-            elif name in ("lm_head.weight", "score.bias"):
+            elif name == "lm_head.weight":
                 tensors[name] = params[name]
             else:
                 tensors[_HF_PREFIX + name] = params[name]
@@ -495,6 +530,40 @@ def save_checkpoint(
     config_bytes = (json.dumps(config_dict, indent=2) + "\n").encode()
     atomic_write(directory / "config.json", lambda f: f.write(config_bytes))
     return directory
+
+
+def save_lora_adapters(
+    params: dict[str, np.ndarray], lora: LoraConfig, path: str | os.PathLike[str]
+) -> Path:
+    """Write the LoRA adapters of ``params`` (canonical names and ``[in, out]`` orientation; any other key is
+    left out) to the safetensors file ``path``, with ``lora`` in its metadata; atomically. Returns the path.
+
+    The adapters must be complete for ``lora`` (every target layer of every block). Their base model is saved
+    separately (``save_checkpoint`` of the params without adapters), usually once.
+    """
+    try:
+        check_lora_params(params, lora)
+    except ValueError as e:
+        raise CheckpointError(f"cannot save LoRA adapters to {path}: {e}") from None
+    adapters = {k: v for k, v in params.items() if is_lora_key(k)}
+    save_tensors(path, adapters, {_LORA_METADATA_KEY: json.dumps(lora.to_dict())})
+    return Path(path)
+
+
+def load_lora_adapters(path: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """What :func:`save_lora_adapters` wrote: ``(lora, adapters)``; add them to the base parameters with
+    ``{**params, **adapters}`` (``validate_params(params, config, lora)`` then checks that they fit)."""
+    tensors, metadata = load_tensors(path)
+    if _LORA_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is not a LoRA adapters file: its metadata has no {_LORA_METADATA_KEY!r}")
+    try:
+        lora = LoraConfig.from_dict(json.loads(metadata[_LORA_METADATA_KEY]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unusable LoRA settings in its metadata ({e})") from None
+    foreign = [k for k in tensors if not is_lora_key(k)]
+    if foreign:
+        raise CheckpointError(f"{path} holds tensors that are not LoRA adapters: {', '.join(foreign[:4])}")
+    return lora, tensors
 
 
 def _write_safetensors(f: BinaryIO, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:

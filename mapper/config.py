@@ -36,7 +36,9 @@ class GPT2Config:
 
     ``tie_word_embeddings``: the LM head reuses ``wte`` (logits = h @ wte.T). When False the parameters
     carry an extra ``lm_head.weight`` [V, C]. ``n_classes``: when set, the model also has a classification
-    head ``score.weight`` [C, n_classes] + ``score.bias`` [n_classes].
+    head ``score.weight`` [C, n_classes] without bias (Hugging Face's ``GPT2ForSequenceClassification``), read at
+    the last real token of each row; its ``config.json`` carries ``pad_token_id`` (the EOS id), which is how
+    transformers finds that token in right-padded rows.
     """
 
     vocab_size: int = GPT2_VOCAB_SIZE
@@ -146,8 +148,11 @@ class GPT2Config:
                 f"activation_function {act!r} is not GPT-2's tanh GELU ('gelu_new'); this project implements "
                 "only the tanh form"
             )
-        if d.get("num_labels") and d.get("architectures") == ["GPT2ForSequenceClassification"]:
-            kwargs["n_classes"] = int(d["num_labels"])
+        if "GPT2ForSequenceClassification" in (d.get("architectures") or []):
+            # transformers writes the class count as num_labels (ours, older versions) or only as id2label (5.x)
+            n_classes = d.get("num_labels") or len(d.get("id2label") or {})
+            if n_classes:
+                kwargs["n_classes"] = int(n_classes)
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -176,6 +181,8 @@ class GPT2Config:
         if self.n_classes is not None:
             d["architectures"] = ["GPT2ForSequenceClassification"]
             d["num_labels"] = self.n_classes
+            # transformers pools at the rightmost token != pad_token_id (and refuses batches without one)
+            d["pad_token_id"] = d["eos_token_id"]
         return d
 
     @classmethod

@@ -15,7 +15,15 @@ Module state names (``torch_gpt2.GPT2.state_dict()``), ``C`` = n_embd, ``V`` = v
             h.{i}.attn.k_proj.weight [C, C]  = c_attn.weight[:, C:2C].T    .bias = c_attn.bias[C:2C]
             h.{i}.attn.v_proj.weight [C, C]  = c_attn.weight[:, 2C:3C].T   .bias = c_attn.bias[2C:3C]
     lm_head.weight [V, C]          (untied head only; canonical is already nn.Linear's [out, in])
-    score.weight [n_classes, C]    = canonical.T    score.bias [n_classes] (classification head only)
+    score.weight [n_classes, C]    = canonical.T    (classification head only; no bias, as in Hugging Face)
+
+LoRA adapters (``lora``, a :class:`mapper.lora.LoraConfig`), per adapted layer, in nn.Linear orientation like
+the weight they adapt (``y += scale * (x @ lora_A.T) @ lora_B.T``)::
+
+    h.{i}.<layer>.lora_A [r, in]   = canonical lora_A.T     h.{i}.<layer>.lora_B [out, r] = canonical lora_B.T
+
+Adapters on ``attn.c_attn`` exist only in the fused layout: the custom layout's three projections would need
+one ``lora_A`` shared between them, which that layout has no place for (``check_lora_layout`` says so).
 
 The tied LM head has no entry of its own: the module computes ``logits = h @ wte.weight.T``.
 All biases keep their shape. Every returned array is a fresh C-contiguous copy, never a view of the input.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.lora import LoraConfig, is_lora_key, lora_param_shapes
 from mapper.schema import describe_key_mismatch, param_shapes, validate_params
 
 ATTENTION_LAYOUTS = ("custom", "fused")
@@ -41,16 +50,41 @@ def check_attention_layout(attention: str) -> None:
         raise ValueError(f"attention layout must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
 
 
+def check_lora_layout(attention: str, lora: LoraConfig | None) -> None:
+    """Raise ``ValueError`` if ``lora`` adapts attention and ``attention`` is the custom layout."""
+    check_attention_layout(attention)
+    if lora is not None and "attn" in lora.targets and attention == "custom":
+        raise ValueError(
+            "LoRA on attention needs the fused layout (attention='fused'): the custom layout's separate q_proj, "
+            "k_proj, v_proj cannot share the one lora_A of attn.c_attn; LoRA on 'mlp' alone works in both layouts"
+        )
+
+
+def _transposed(name: str) -> bool:
+    """Canonical names whose module tensor is the transpose (c_attn.weight is handled per layout)."""
+    block_name = name.split(".", 2)[2] if name.startswith("h.") else None
+    return block_name in _TRANSPOSED_BLOCK_WEIGHTS or name == "score.weight" or is_lora_key(name)
+
+
 def _copy(a: np.ndarray) -> np.ndarray:
     return np.array(a, order="C", copy=True)
 
 
-def module_state_shapes(config: GPT2Config, attention: str) -> dict[str, tuple[int, ...]]:
-    """Every module state name and its shape, for ``attention`` = ``"custom"`` or ``"fused"``."""
-    check_attention_layout(attention)
+def _canonical_shapes(config: GPT2Config, lora: LoraConfig | None) -> dict[str, tuple[int, ...]]:
+    shapes = param_shapes(config)
+    if lora is not None:
+        shapes.update(lora_param_shapes(config, lora))
+    return shapes
+
+
+def module_state_shapes(
+    config: GPT2Config, attention: str, lora: LoraConfig | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Every module state name and its shape, for ``attention`` = ``"custom"`` or ``"fused"`` (and ``lora``)."""
+    check_lora_layout(attention, lora)
     C = config.n_embd
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, shape in param_shapes(config).items():
+    for name, shape in _canonical_shapes(config, lora).items():
         block_name = name.split(".", 2)[2] if name.startswith("h.") else None
         if block_name == "attn.c_attn.weight":
             if attention == "fused":
@@ -64,17 +98,19 @@ def module_state_shapes(config: GPT2Config, attention: str) -> dict[str, tuple[i
             else:
                 for proj in _QKV_NAMES:
                     shapes[name.replace("c_attn.bias", f"{proj}.bias")] = (C,)
-        elif block_name in _TRANSPOSED_BLOCK_WEIGHTS or name == "score.weight":
+        elif _transposed(name):
             shapes[name] = shape[::-1]
         else:
             shapes[name] = shape
     return shapes
 
 
-def to_module_state(params: dict[str, np.ndarray], config: GPT2Config, attention: str) -> dict[str, np.ndarray]:
-    """Canonical params -> the torch module's state (names and shapes in the module docstring)."""
-    check_attention_layout(attention)
-    validate_params(params, config)
+def to_module_state(
+    params: dict[str, np.ndarray], config: GPT2Config, attention: str, lora: LoraConfig | None = None
+) -> dict[str, np.ndarray]:
+    """Canonical params (with the adapters of ``lora``, if given) -> the torch module's state (module docstring)."""
+    check_lora_layout(attention, lora)
+    validate_params(params, config, lora)
     C = config.n_embd
     state: dict[str, np.ndarray] = {}
     for name, value in params.items():
@@ -88,19 +124,22 @@ def to_module_state(params: dict[str, np.ndarray], config: GPT2Config, attention
         elif block_name == "attn.c_attn.bias" and attention == "custom":
             for j, proj in enumerate(_QKV_NAMES):
                 state[name.replace("c_attn.bias", f"{proj}.bias")] = _copy(value[j * C : (j + 1) * C])
-        elif block_name in _TRANSPOSED_BLOCK_WEIGHTS or name == "score.weight":
+        elif _transposed(name):
             state[name] = _copy(value.T)
         else:
             state[name] = _copy(value)
     return state
 
 
-def from_module_state(state: dict[str, np.ndarray], config: GPT2Config, attention: str) -> dict[str, np.ndarray]:
+def from_module_state(
+    state: dict[str, np.ndarray], config: GPT2Config, attention: str, lora: LoraConfig | None = None
+) -> dict[str, np.ndarray]:
     """The torch module's state (or anything keyed like it, e.g. its gradients) -> canonical params.
 
-    Raises ``ValueError`` naming missing/unexpected keys or a wrong shape.
+    With ``lora`` the state holds that config's adapters too, and so does the result. Raises ``ValueError``
+    naming missing/unexpected keys or a wrong shape.
     """
-    expected = module_state_shapes(config, attention)
+    expected = module_state_shapes(config, attention, lora)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -110,7 +149,7 @@ def from_module_state(state: dict[str, np.ndarray], config: GPT2Config, attentio
         if tuple(state[name].shape) != shape:
             raise ValueError(f"module state {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
     params: dict[str, np.ndarray] = {}
-    for name in param_shapes(config):
+    for name in _canonical_shapes(config, lora):
         block_name = name.split(".", 2)[2] if name.startswith("h.") else None
         if block_name == "attn.c_attn.weight":
             if attention == "fused":
@@ -121,7 +160,7 @@ def from_module_state(state: dict[str, np.ndarray], config: GPT2Config, attentio
         elif block_name == "attn.c_attn.bias" and attention == "custom":
             parts = [state[name.replace("c_attn.bias", f"{proj}.bias")] for proj in _QKV_NAMES]
             params[name] = np.concatenate(parts)
-        elif block_name in _TRANSPOSED_BLOCK_WEIGHTS or name == "score.weight":
+        elif _transposed(name):
             params[name] = _copy(state[name].T)
         else:
             params[name] = _copy(state[name])

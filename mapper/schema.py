@@ -11,7 +11,11 @@ Parameters are a flat ``dict[str, np.ndarray]`` keyed by Hugging Face GPT-2 name
     h.{i}.mlp.c_fc.weight    [C, 4C]  .bias [4C]
     h.{i}.mlp.c_proj.weight  [4C, C]  .bias [C]
     lm_head.weight [V, C]                    only when the head is untied
-    score.weight [C, n_classes], score.bias  only with a classification head
+    score.weight [C, n_classes]              only with a classification head (no bias, like Hugging Face's
+                                             GPT2ForSequenceClassification: logits = h @ score.weight)
+
+LoRA adapters (``h.{i}.<layer>.lora_A`` / ``lora_B``) join these keys when a ``mapper.lora.LoraConfig`` is given;
+their names and shapes are ``mapper.lora.lora_param_shapes``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.lora import LoraConfig, lora_param_shapes
 
 BLOCK_PARAMS = (
     "ln_1.weight", "ln_1.bias",
@@ -53,7 +58,6 @@ def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (V, C)
     if config.n_classes is not None:
         shapes["score.weight"] = (C, config.n_classes)
-        shapes["score.bias"] = (config.n_classes,)
     return shapes
 
 
@@ -101,16 +105,25 @@ def describe_key_mismatch(missing: list[str], unexpected: list[str], shown: int 
     return "; ".join(parts)
 
 
-def validate_params(params: dict[str, np.ndarray], config: GPT2Config) -> np.dtype:
-    """Check ``params`` against the schema of ``config``; return their common float dtype.
+def validate_params(params: dict[str, np.ndarray], config: GPT2Config, lora: LoraConfig | None = None) -> np.dtype:
+    """Check ``params`` against the schema of ``config`` (plus the adapters of ``lora``, if given); return their
+    common float dtype.
 
     Raises ``ValueError`` naming the missing/unexpected keys, a wrong shape (with both shapes) or a
-    mixed/unsupported dtype.
+    mixed/unsupported dtype. Adapters without a ``lora`` are refused with a message saying so.
     """
     expected = param_shapes(config)
+    if lora is not None:
+        expected.update(lora_param_shapes(config, lora))
     missing = [k for k in expected if k not in params]
     unexpected = [k for k in params if k not in expected]
     if missing or unexpected:
+        if lora is None and any(k.endswith((".lora_A", ".lora_B")) for k in unexpected):
+            raise ValueError(
+                "parameters do not match the config: they hold LoRA adapters but no LoraConfig was given (pass "
+                "lora=LoraConfig(rank, alpha, targets), or fold them in with mapper.merge_lora); "
+                + describe_key_mismatch(missing, unexpected)
+            )
         raise ValueError("parameters do not match the config: " + describe_key_mismatch(missing, unexpected))
     dtypes = set()
     for name, shape in expected.items():

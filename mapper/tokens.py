@@ -59,6 +59,34 @@ def check_targets(targets: np.ndarray, shape: tuple[int, ...], config: GPT2Confi
     return arr.astype(np.int64, copy=False)
 
 
+def check_lengths(lengths: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-row lengths for a classifier as int64 [B]: the number of real tokens of each row of tokens ``shape``
+    [B, T] (rows right-padded), each in 1 .. T; the head reads position ``lengths - 1``."""
+    arr = np.asarray(lengths)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"lengths must be an integer array, got dtype {arr.dtype}")
+    B, T = shape
+    if tuple(arr.shape) != (B,):
+        raise ValueError(f"lengths have shape {tuple(arr.shape)}, expected ({B},): one length per row of the tokens")
+    bad = (arr < 1) | (arr > T)
+    if bad.any():
+        raise ValueError(f"lengths hold {int(arr[bad][0])}; each row has 1 .. {T} real tokens (T = {T})")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_labels(labels: np.ndarray, batch: int, n_classes: int) -> np.ndarray:
+    """Class labels as int64 [B], each in [0, n_classes)."""
+    arr = np.asarray(labels)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array, got dtype {arr.dtype}")
+    if tuple(arr.shape) != (batch,):
+        raise ValueError(f"labels have shape {tuple(arr.shape)}, expected ({batch},): one class per row")
+    bad = (arr < 0) | (arr >= n_classes)
+    if bad.any():
+        raise ValueError(f"labels hold {int(arr[bad][0])}, outside the classes [0, {n_classes})")
+    return arr.astype(np.int64, copy=False)
+
+
 def check_generation(
     prompt_lengths: Sequence[int], max_new_tokens: int, config: GPT2Config, eos_token_id: int | None = None
 ) -> None:

@@ -4,8 +4,16 @@
     for each block i:
         x = x + c_proj(attention(c_attn(ln_1(x))))        # attention branch
         x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))       # MLP branch
-    logits = ln_f(x) @ wte.T                              # tied head        [B,T,V]
-    (with an untied head: ln_f(x) @ lm_head.T)
+    h = ln_f(x)                                           # final norm       [B,T,C]
+    logits = h @ wte.T                                    # tied head        [B,T,V]
+    (with an untied head: h @ lm_head.T)
+    classifier: class_logits = h[b, lengths[b] - 1] @ score.weight    # last real token [B,C] -> [B,n_classes]
+
+Every linear of a block is ``x @ W + b``, plus ``scale * (x @ A) @ B`` when ``lora`` (a ``mapper.LoraConfig``)
+adapts it; its parameters then hold the adapters ``h.{i}.<layer>.lora_A`` / ``lora_B`` (``mapper/lora.py``).
+Gradients are returned for every parameter, adapters and base weights alike: freezing the base is the
+optimizer's business (give it only the tensors to train). A head the loss does not use gets a zero gradient
+(``score.weight`` under the LM loss, an untied ``lm_head.weight`` under the classification loss).
 
 Parameters: the canonical dict of ``mapper.schema`` (Conv1D [in, out] weights). Their dtype decides the
 arithmetic (float32 or float64). Every public function takes ``fast``: False runs the spec ops of
@@ -19,8 +27,9 @@ from types import ModuleType
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.lora import LoraConfig
 from mapper.schema import BLOCK_PARAMS, validate_params
-from mapper.tokens import check_targets, check_tokens
+from mapper.tokens import check_labels, check_lengths, check_targets, check_tokens
 from numpy_gpt2 import ops
 
 
@@ -31,6 +40,35 @@ def kernels(fast: bool) -> ModuleType:
     from numpy_gpt2 import fast as fast_ops
 
     return fast_ops
+
+
+# ------------------------------------------------------------------------------------------------------
+# a linear layer with an optional LoRA adapter: y = x @ W + b (+ scale * (x @ A) @ B)
+# ------------------------------------------------------------------------------------------------------
+
+
+def adapted_linear_forward(
+    k: ModuleType, x: np.ndarray, p: dict[str, np.ndarray], layer: str, lora_scale: float
+) -> tuple[np.ndarray, tuple]:
+    """x [..., Cin] -> y [..., Cout] through ``layer`` of the block parameters ``p`` (its adapter if ``p`` has one)."""
+    y, cache_linear = k.linear_forward(x, p[f"{layer}.weight"], p[f"{layer}.bias"])  # x @ W + b
+    if f"{layer}.lora_A" not in p:
+        return y, (cache_linear, None)
+    delta, cache_lora = k.lora_forward(x, p[f"{layer}.lora_A"], p[f"{layer}.lora_B"], lora_scale)  # scale (x A) B
+    return y + delta, (cache_linear, cache_lora)
+
+
+def adapted_linear_backward(
+    k: ModuleType, dy: np.ndarray, cache: tuple, layer: str, g: dict[str, np.ndarray]
+) -> np.ndarray:
+    """dy [..., Cout] -> dx [..., Cin]; the layer's parameter gradients are stored into ``g``."""
+    cache_linear, cache_lora = cache
+    # y = (x @ W + b) + lora(x): dy reaches both terms unchanged
+    dx, (g[f"{layer}.weight"], g[f"{layer}.bias"]) = k.linear_backward(dy, cache_linear)
+    if cache_lora is not None:
+        dx_lora, (g[f"{layer}.lora_A"], g[f"{layer}.lora_B"]) = k.lora_backward(dy, cache_lora)
+        dx = dx + dx_lora  # x feeds both terms: the two gradients add
+    return dx
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -46,20 +84,23 @@ def block_forward(
     kv_cache: tuple[np.ndarray, np.ndarray] | None = None,
     pos0: int = 0,
     fast: bool = False,
+    lora: LoraConfig | None = None,
 ) -> tuple[np.ndarray, tuple]:
     """x [B, T, C] -> x [B, T, C] through block ``i`` (pre-LN attention, then pre-LN MLP)."""
     k = kernels(fast)
-    p = {name: params[f"h.{i}.{name}"] for name in BLOCK_PARAMS}
+    names = BLOCK_PARAMS if lora is None else (*BLOCK_PARAMS, *(f"{m}.lora_{ab}" for m in lora.layers for ab in "AB"))
+    p = {name: params[f"h.{i}.{name}"] for name in names}
+    s = 0.0 if lora is None else lora.scale
     eps = config.layer_norm_epsilon
     ln1, cache_ln1 = k.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [B,T,C]
-    qkv, cache_qkv = k.linear_forward(ln1, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # [B,T,3C]
+    qkv, cache_qkv = adapted_linear_forward(k, ln1, p, "attn.c_attn", s)  # [B,T,3C]
     att, cache_att = k.attention_forward(qkv, config.n_head, kv_cache, pos0)  # [B,T,C]
-    proj, cache_proj = k.linear_forward(att, p["attn.c_proj.weight"], p["attn.c_proj.bias"])  # [B,T,C]
+    proj, cache_proj = adapted_linear_forward(k, att, p, "attn.c_proj", s)  # [B,T,C]
     x1, _ = k.residual_forward(x, proj)  # [B,T,C]
     ln2, cache_ln2 = k.layernorm_forward(x1, p["ln_2.weight"], p["ln_2.bias"], eps)  # [B,T,C]
-    fc, cache_fc = k.linear_forward(ln2, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # [B,T,4C]
+    fc, cache_fc = adapted_linear_forward(k, ln2, p, "mlp.c_fc", s)  # [B,T,4C]
     act, cache_gelu = k.gelu_forward(fc)  # [B,T,4C]
-    mlp, cache_mlp = k.linear_forward(act, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # [B,T,C]
+    mlp, cache_mlp = adapted_linear_forward(k, act, p, "mlp.c_proj", s)  # [B,T,C]
     x2, _ = k.residual_forward(x1, mlp)  # [B,T,C]
     return x2, (cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp)
 
@@ -71,23 +112,68 @@ def block_backward(dx2: np.ndarray, cache: tuple, i: int, fast: bool = False) ->
     g: dict[str, np.ndarray] = {}
     # x2 = x1 + mlp
     (dx1, dmlp), _ = k.residual_backward(dx2, ())
-    dact, (g["mlp.c_proj.weight"], g["mlp.c_proj.bias"]) = k.linear_backward(dmlp, cache_mlp)
+    dact = adapted_linear_backward(k, dmlp, cache_mlp, "mlp.c_proj", g)
     dfc, _ = k.gelu_backward(dact, cache_gelu)
-    dln2, (g["mlp.c_fc.weight"], g["mlp.c_fc.bias"]) = k.linear_backward(dfc, cache_fc)
+    dln2 = adapted_linear_backward(k, dfc, cache_fc, "mlp.c_fc", g)
     dx1_ln2, (g["ln_2.weight"], g["ln_2.bias"]) = k.layernorm_backward(dln2, cache_ln2)
     dx1 = dx1 + dx1_ln2  # x1 feeds both the residual and ln_2: the two gradients add
     # x1 = x + proj
     (dx, dproj), _ = k.residual_backward(dx1, ())
-    datt, (g["attn.c_proj.weight"], g["attn.c_proj.bias"]) = k.linear_backward(dproj, cache_proj)
+    datt = adapted_linear_backward(k, dproj, cache_proj, "attn.c_proj", g)
     dqkv, _ = k.attention_backward(datt, cache_att)
-    dln1, (g["attn.c_attn.weight"], g["attn.c_attn.bias"]) = k.linear_backward(dqkv, cache_qkv)
+    dln1 = adapted_linear_backward(k, dqkv, cache_qkv, "attn.c_attn", g)
     dx_ln1, (g["ln_1.weight"], g["ln_1.bias"]) = k.layernorm_backward(dln1, cache_ln1)
     dx = dx + dx_ln1  # x feeds both the residual and ln_1
     return dx, {f"h.{i}.{name}": grad for name, grad in g.items()}
 
 
 # ------------------------------------------------------------------------------------------------------
-# the whole model
+# the body: embeddings, blocks, final LayerNorm (shared by the LM head and the classifier)
+# ------------------------------------------------------------------------------------------------------
+
+
+def body_forward(
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    keep_caches: bool = False,
+    kv_caches: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    pos0: int = 0,
+    last_only: bool = False,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
+) -> tuple[np.ndarray, tuple | None]:
+    """tokens [B, T] -> h = ln_f(last block's output) [B, T, C] (or [B, 1, C] with ``last_only``), plus caches."""
+    k = kernels(fast)
+    x, cache_emb = k.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
+    block_caches = []
+    for i in range(config.n_layer):
+        kv = None if kv_caches is None else kv_caches[i]
+        x, cache_block = block_forward(x, params, i, config, kv, pos0, fast, lora)
+        if keep_caches:
+            block_caches.append(cache_block)
+    if last_only:
+        x = x[:, -1:]  # decoding needs only the next-token prediction
+    h, cache_lnf = k.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
+    return h, ((cache_emb, block_caches, cache_lnf) if keep_caches else None)
+
+
+def body_backward(dh: np.ndarray, caches: tuple, config: GPT2Config, fast: bool = False) -> dict[str, np.ndarray]:
+    """dh [B, T, C] -> the gradients of the body's parameters; ``wte.weight`` gets the embedding's part only."""
+    k = kernels(fast)
+    cache_emb, block_caches, cache_lnf = caches
+    grads: dict[str, np.ndarray] = {}
+    dx, (grads["ln_f.weight"], grads["ln_f.bias"]) = k.layernorm_backward(dh, cache_lnf)
+    for i in reversed(range(config.n_layer)):
+        dx, block_grads = block_backward(dx, block_caches[i], i, fast)
+        grads.update(block_grads)
+    # x = wte[tokens] + wpe[positions]
+    _, (grads["wte.weight"], grads["wpe.weight"]) = k.embedding_backward(dx, cache_emb)
+    return grads
+
+
+# ------------------------------------------------------------------------------------------------------
+# the language model
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -100,6 +186,7 @@ def model_forward(
     pos0: int = 0,
     last_only: bool = False,
     fast: bool = False,
+    lora: LoraConfig | None = None,
 ) -> tuple[np.ndarray, tuple | None]:
     """tokens [B, T] (checked) -> logits [B, T, V] (or [B, 1, V] with ``last_only``), plus caches for backward.
 
@@ -107,19 +194,10 @@ def model_forward(
     with this call's tokens at positions pos0 .. pos0+T-1.
     """
     k = kernels(fast)
-    x, cache_emb = k.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
-    block_caches = []
-    for i in range(config.n_layer):
-        x, cache_block = block_forward(x, params, i, config, None if kv_caches is None else kv_caches[i], pos0, fast)
-        if keep_caches:
-            block_caches.append(cache_block)
-    if last_only:
-        x = x[:, -1:]  # decoding needs only the next-token prediction
-    h, cache_lnf = k.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
+    h, cache_body = body_forward(params, config, tokens, keep_caches, kv_caches, pos0, last_only, fast, lora)
     head = params.get("lm_head.weight", params["wte.weight"])  # [V,C]: wte when tied
     logits, cache_head = k.lm_head_forward(h, head)  # logits = h @ head.T   [B,T,C] -> [B,T,V]
-    caches = (cache_emb, block_caches, cache_lnf, cache_head) if keep_caches else None
-    return logits, caches
+    return logits, ((cache_body, cache_head) if keep_caches else None)
 
 
 def model_backward(
@@ -127,55 +205,168 @@ def model_backward(
 ) -> dict[str, np.ndarray]:
     """dlogits [B, T, V] -> the gradient of every parameter, keyed and ordered like ``params``."""
     k = kernels(fast)
-    cache_emb, block_caches, cache_lnf, cache_head = caches
-    grads: dict[str, np.ndarray] = {}
+    cache_body, cache_head = caches
     dh, (dhead,) = k.lm_head_backward(dlogits, cache_head)  # dhead [V,C]
-    dx, (grads["ln_f.weight"], grads["ln_f.bias"]) = k.layernorm_backward(dh, cache_lnf)
-    for i in reversed(range(config.n_layer)):
-        dx, block_grads = block_backward(dx, block_caches[i], i, fast)
-        grads.update(block_grads)
-    # x = wte[tokens] + wpe[positions]
-    _, (dwte, grads["wpe.weight"]) = k.embedding_backward(dx, cache_emb)
+    grads = body_backward(dh, cache_body, config, fast)
     if "lm_head.weight" in params:
-        grads["wte.weight"], grads["lm_head.weight"] = dwte, dhead
+        grads["lm_head.weight"] = dhead
     else:
-        grads["wte.weight"] = dwte + dhead  # the tied matrix is used twice: both gradients add
+        grads["wte.weight"] = grads["wte.weight"] + dhead  # the tied matrix is used twice: both gradients add
+    if "score.weight" in params:
+        grads["score.weight"] = np.zeros_like(params["score.weight"])  # the classifier takes no part in this loss
     return {name: grads[name] for name in params}
 
 
-def forward(params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, fast: bool = False) -> np.ndarray:
+def forward(
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
+) -> np.ndarray:
     """Logits [B, T, V] for int tokens [B, T] (dtype of the parameters)."""
-    validate_params(params, config)
+    validate_params(params, config, lora)
     tokens = check_tokens(tokens, config)
-    logits, _ = model_forward(params, config, tokens, fast=fast)
+    logits, _ = model_forward(params, config, tokens, fast=fast, lora=lora)
     return logits
 
 
 def loss(
-    params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, targets: np.ndarray, fast: bool = False
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    targets: np.ndarray,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
 ) -> float:
     """Mean cross-entropy of ``targets`` [B, T] (already shifted; -100 ignored), forward only."""
-    validate_params(params, config)
+    validate_params(params, config, lora)
     tokens = check_tokens(tokens, config)
     targets = check_targets(targets, tokens.shape, config)
-    logits, _ = model_forward(params, config, tokens, fast=fast)
+    logits, _ = model_forward(params, config, tokens, fast=fast, lora=lora)
     return kernels(fast).softmax_cross_entropy_forward(logits, targets)[0]
 
 
 def loss_and_grads(
-    params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, targets: np.ndarray, fast: bool = False
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    targets: np.ndarray,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross-entropy of ``targets`` [B, T] (already shifted; -100 ignored) and its gradient.
 
     Returns ``(loss, grads)`` with a gradient for every parameter, keyed like ``params`` (the tied ``wte``
-    gets the LM head's and the embedding's contributions).
+    gets the LM head's and the embedding's contributions; LoRA adapters and base weights both get theirs).
     """
-    validate_params(params, config)
+    validate_params(params, config, lora)
     tokens = check_tokens(tokens, config)
     targets = check_targets(targets, tokens.shape, config)
     k = kernels(fast)
-    logits, caches = model_forward(params, config, tokens, keep_caches=True, fast=fast)
+    logits, caches = model_forward(params, config, tokens, keep_caches=True, fast=fast, lora=lora)
     mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, targets)
     del logits  # the loss cache keeps what the backward needs
     dlogits = k.softmax_cross_entropy_backward(cache_loss)
     return mean_loss, model_backward(dlogits, caches, params, config, fast)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the sequence classifier (Hugging Face's GPT2ForSequenceClassification): the last real token's h @ score
+# ------------------------------------------------------------------------------------------------------
+
+
+def classifier_forward(
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    keep_caches: bool = False,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
+) -> tuple[np.ndarray, tuple | None]:
+    """tokens [B, T], lengths [B] (checked) -> class logits [B, n_classes], plus caches for backward."""
+    k = kernels(fast)
+    h, cache_body = body_forward(params, config, tokens, keep_caches, fast=fast, lora=lora)  # [B,T,C]
+    pooled, cache_pool = k.pool_forward(h, lengths - 1)  # [B,C] each row at its last real token
+    logits, cache_score = k.linear_forward(pooled, params["score.weight"], None)  # [B,C] @ [C,n_classes], no bias
+    return logits, ((cache_body, cache_pool, cache_score) if keep_caches else None)
+
+
+def classifier_backward(
+    dlogits: np.ndarray, caches: tuple, params: dict[str, np.ndarray], config: GPT2Config, fast: bool = False
+) -> dict[str, np.ndarray]:
+    """dlogits [B, n_classes] -> the gradient of every parameter, keyed and ordered like ``params``."""
+    k = kernels(fast)
+    cache_body, cache_pool, cache_score = caches
+    dpooled, (dscore, _) = k.linear_backward(dlogits, cache_score)  # dscore [C,n_classes]
+    dh, _ = k.pool_backward(dpooled, cache_pool)  # [B,T,C]
+    grads = body_backward(dh, cache_body, config, fast)
+    grads["score.weight"] = dscore
+    if "lm_head.weight" in params:
+        grads["lm_head.weight"] = np.zeros_like(params["lm_head.weight"])  # the LM head takes no part here
+    return {name: grads[name] for name in params}
+
+
+def _check_classifier_input(
+    params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, lengths: np.ndarray,
+    lora: LoraConfig | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    if config.n_classes is None:
+        raise ValueError("this model has no classification head (config.n_classes is None)")
+    validate_params(params, config, lora)
+    tokens = check_tokens(tokens, config)
+    return tokens, check_lengths(lengths, tokens.shape)
+
+
+def classify_forward(
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
+) -> np.ndarray:
+    """Class logits [B, n_classes] for right-padded tokens [B, T] whose row b has ``lengths[b]`` real tokens.
+
+    Row b is read at position lengths[b] - 1 (the causal mask keeps the padding after it out of its view).
+    """
+    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora)
+    logits, _ = classifier_forward(params, config, tokens, lengths, fast=fast, lora=lora)
+    return logits
+
+
+def classify_loss(
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    labels: np.ndarray,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
+) -> float:
+    """Mean cross-entropy of the class ``labels`` [B] (each in [0, n_classes)), forward only."""
+    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora)
+    labels = check_labels(labels, tokens.shape[0], config.n_classes)
+    logits, _ = classifier_forward(params, config, tokens, lengths, fast=fast, lora=lora)
+    return kernels(fast).softmax_cross_entropy_forward(logits, labels)[0]
+
+
+def classify_loss_and_grads(
+    params: dict[str, np.ndarray],
+    config: GPT2Config,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    labels: np.ndarray,
+    fast: bool = False,
+    lora: LoraConfig | None = None,
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean cross-entropy of the class ``labels`` [B] and its gradient for every parameter, keyed like ``params``
+    (``score.weight``, the body, the adapters; an untied ``lm_head.weight`` gets zeros)."""
+    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora)
+    labels = check_labels(labels, tokens.shape[0], config.n_classes)
+    k = kernels(fast)
+    logits, caches = classifier_forward(params, config, tokens, lengths, keep_caches=True, fast=fast, lora=lora)
+    mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, labels)  # logits [B,n_classes], labels [B]
+    dlogits = k.softmax_cross_entropy_backward(cache_loss)  # [B,n_classes]
+    return mean_loss, classifier_backward(dlogits, caches, params, config, fast)

@@ -9,6 +9,7 @@ Dimension legend (as in llm.c):
     B  batch size            T   sequence length (time)      C  channels (n_embd)
     V  vocabulary size       NH  number of heads             hs head size = C / NH
     P  past length (tokens already held in a KV cache; 0 when there is none)
+    r  LoRA rank             N   rows = every leading index flattened (B*T, or B for a classifier)
 
 All arithmetic runs in the dtype of the inputs (float32 for speed, float64 for gradient checks).
 This file is for reading; ``numpy_gpt2/fast.py`` holds measured speed-ups of some ops, tested equal to these.
@@ -99,6 +100,56 @@ def linear_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple[np.
     dw = x2.T @ dy2  # [Cin,N] @ [N,Cout] -> [Cin,Cout]
     db = dy2.sum(axis=0) if has_bias else None  # [Cout]
     return dx.reshape(*dy.shape[:-1], w.shape[0]), (dw, db)
+
+
+# ------------------------------------------------------------------------------------------------------
+# LoRA, the low-rank update an adapted linear adds to its output (mapper/lora.py):
+#   y = x @ W + b + lora(x),   lora(x) = scale * (x @ a) @ b,   a [Cin, r], b [r, Cout], scale = alpha / r
+# This op is the second term alone; the model adds it to linear_forward's output.
+# ------------------------------------------------------------------------------------------------------
+
+
+def lora_forward(x: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> tuple[np.ndarray, tuple]:
+    """x [..., Cin], a [Cin, r], b [r, Cout] -> y [..., Cout] = scale * (x @ a) @ b."""
+    x2 = x.reshape(-1, x.shape[-1])  # [N,Cin]
+    u = x2 @ a  # [N,Cin] @ [Cin,r] -> [N,r] the input, down to rank r
+    y2 = scale * (u @ b)  # [N,r] @ [r,Cout] -> [N,Cout] back up, scaled by alpha / r
+    return y2.reshape(*x.shape[:-1], b.shape[1]), (x2, a, b, u, scale)
+
+
+def lora_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """dy [..., Cout] -> (dx [..., Cin], (da [Cin, r], db [r, Cout]))."""
+    x2, a, b, u, scale = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])  # [N,Cout]
+    # y = scale * (u @ b)
+    du = scale * (dy2 @ b.T)  # [N,Cout] @ [Cout,r] -> [N,r]
+    db = scale * (u.T @ dy2)  # [r,N] @ [N,Cout] -> [r,Cout]
+    # u = x @ a
+    dx = du @ a.T  # [N,r] @ [r,Cin] -> [N,Cin]
+    da = x2.T @ du  # [Cin,N] @ [N,r] -> [Cin,r]
+    return dx.reshape(*dy.shape[:-1], a.shape[0]), (da, db)
+
+
+# ------------------------------------------------------------------------------------------------------
+# pooling for a classifier: each row's hidden state at one position, pooled[b] = h[b, index[b]]
+# (index = lengths - 1, the last real token of a right-padded row)
+# ------------------------------------------------------------------------------------------------------
+
+
+def pool_forward(h: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """h [B, T, C], index int [B] (each in 0 .. T-1) -> pooled [B, C]."""
+    rows = np.arange(h.shape[0])  # [B]
+    pooled = h[rows, index]  # [B,C] row b read at its own position index[b] (a copy)
+    return pooled, (rows, index, h.shape)
+
+
+def pool_backward(dpooled: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
+    """dpooled [B, C] -> (dh [B, T, C], ()): zero everywhere but the position each row was read at."""
+    rows, index, h_shape = cache
+    # pooled = h[rows, index]: one position per row, so a plain assignment scatters (no index repeats)
+    dh = np.zeros(h_shape, dtype=dpooled.dtype)  # [B,T,C] positions that were not read get no gradient
+    dh[rows, index] = dpooled  # [B,C] into the read positions
+    return dh, ()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -254,7 +305,10 @@ def residual_backward(dy: np.ndarray, cache: tuple) -> tuple[tuple[np.ndarray, n
 
 
 def softmax_cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> tuple[float, tuple]:
-    """logits [B, T, V], targets [B, T] (IGNORE_INDEX = -100 is skipped) -> mean loss over the kept targets."""
+    """logits [B, T, V], targets [B, T] (IGNORE_INDEX = -100 is skipped) -> mean loss over the kept targets.
+
+    Any leading shape works the same way: a classifier passes logits [B, n_classes] and labels [B].
+    """
     V = logits.shape[-1]
     z = logits.reshape(-1, V)  # [N_all,V]
     t = targets.reshape(-1)  # [N_all]

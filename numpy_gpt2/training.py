@@ -7,36 +7,51 @@ import math
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.lora import LoraConfig, merge_lora
 from numpy_gpt2.fast import FastAdamW
 from numpy_gpt2.generate import generate
-from numpy_gpt2.model import loss, loss_and_grads
+from numpy_gpt2.model import classify_forward, classify_loss_and_grads, loss, loss_and_grads
+from numpy_gpt2.ops import softmax_cross_entropy_forward
 from numpy_gpt2.optim import clip_grad_norm
+from tasks.batch import Batch
 
 
 class NumpyBackend:
     """Parameters, AdamW (``FastAdamW``: the spec's update, chunked on all cores) and the fast kernels.
 
     Gradient accumulation averages the micro-batches' gradients, as torch does when each micro-batch's mean
-    loss is divided by their number.
+    loss is divided by their number. ``trainable`` (canonical names; None: all) limits what AdamW updates: the
+    spec computes every gradient and the frozen ones are not used, which is simple to read, not fast.
     """
 
     name = "numpy"
     is_main = True
 
     def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float, decay: str,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fast: bool = True) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fast: bool = True,
+                 trainable: set[str] | None = None, lora: LoraConfig | None = None) -> None:
         self.config = config
+        self.lora = lora
         self._params = {k: np.ascontiguousarray(v).copy() for k, v in params.items()}
-        self.optimizer = FastAdamW(self._params, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay)
+        self.trainable = sorted(self._params) if trainable is None else sorted(trainable)
+        updated = {k: self._params[k] for k in self.trainable}  # the same arrays: AdamW updates them in place
+        self.optimizer = FastAdamW(updated, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay)
         self.fast = fast
 
-    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float, grad_clip: float | None
-             ) -> tuple[float, float]:
+    def _loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by step(), once
+            if batch.is_classification:
+                return classify_loss_and_grads(self._params, self.config, batch.tokens, batch.lengths,
+                                               batch.labels, fast=self.fast, lora=self.lora)
+            return loss_and_grads(self._params, self.config, batch.tokens, batch.targets, fast=self.fast,
+                                  lora=self.lora)
+
+    def step(self, micro_batches: list[Batch], lr: float, grad_clip: float | None) -> tuple[float, float]:
         losses, total = [], None
-        for tokens, targets in micro_batches:
-            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported below, once
-                value, grads = loss_and_grads(self._params, self.config, tokens, targets, fast=self.fast)
+        for batch in micro_batches:
+            value, grads = self._loss_and_grads(batch)
             losses.append(value)
+            grads = {k: grads[k] for k in self.trainable}
             if total is None:
                 total = grads
             else:
@@ -49,15 +64,23 @@ class NumpyBackend:
             for g in total.values():
                 g /= len(micro_batches)
         norm = clip_grad_norm(total, grad_clip if grad_clip else math.inf)
-        self.optimizer.step(self._params, total, lr=lr)
+        self.optimizer.step({k: self._params[k] for k in self.trainable}, total, lr=lr)
         return mean_loss, norm
 
-    def loss(self, tokens: np.ndarray, targets: np.ndarray) -> float:
-        return loss(self._params, self.config, tokens, targets, fast=self.fast)
+    def loss(self, batch: Batch) -> float:
+        if batch.is_classification:
+            logits = self.class_logits(batch)
+            return float(softmax_cross_entropy_forward(logits, batch.labels)[0])
+        return loss(self._params, self.config, batch.tokens, batch.targets, fast=self.fast, lora=self.lora)
+
+    def class_logits(self, batch: Batch) -> np.ndarray:
+        return classify_forward(self._params, self.config, batch.tokens, batch.lengths, fast=self.fast,
+                                lora=self.lora)
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
         n = min(max_new_tokens, self.config.n_positions - len(prompt))
-        out = generate(self._params, self.config, np.array([prompt]), n, eos_token_id=eos_token_id, fast=self.fast)
+        params = self._params if self.lora is None else merge_lora(self._params, self.lora)  # decoding: plain GPT-2
+        out = generate(params, self.config, np.array([prompt]), n, eos_token_id=eos_token_id, fast=self.fast)
         ids = out[0, len(prompt):].tolist()
         return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
 

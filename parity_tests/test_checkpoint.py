@@ -175,15 +175,35 @@ def test_round_trip_classification_head(tmp_path: Path, n_classes: int) -> None:
     np.testing.assert_array_equal(model.score.weight.detach().numpy(), params["score.weight"].T)
 
 
-def test_hf_classifier_file_without_bias_loads_zero_bias(tmp_path: Path) -> None:
+def test_hf_classifier_file_loads_without_bias(tmp_path: Path) -> None:
+    """A file laid out as GPT2ForSequenceClassification.save_pretrained writes it: score.weight [n_classes, C]."""
     config = GPT2Config(vocab_size=23, n_positions=9, n_embd=12, n_layer=1, n_head=3, n_classes=3)
     params = random_params(config, "float32")
-    tensors = hf_layout({k: v for k, v in params.items() if k != "score.bias"})
+    tensors = hf_layout(params)
     tensors["score.weight"] = np.ascontiguousarray(params["score.weight"].T)
     write_dir(tmp_path, tensors, config.to_hf_dict())
-    _, got = load_checkpoint(tmp_path)
+    got_config, got = load_checkpoint(tmp_path)
+    assert got_config == config and "score.bias" not in got
     np.testing.assert_array_equal(got["score.weight"], params["score.weight"])
-    np.testing.assert_array_equal(got["score.bias"], np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("layout", ["hf", "fused"])
+def test_older_files_with_score_bias_load_when_zero_and_are_refused_otherwise(tmp_path: Path, layout: str) -> None:
+    """This project used to store a score.bias: a zero one changes nothing and is dropped; a nonzero one cannot be
+    represented by a bias-free head and is refused, naming the key."""
+    config = GPT2Config(vocab_size=23, n_positions=9, n_embd=12, n_layer=1, n_head=3, n_classes=3)
+    params = random_params(config, "float32")
+    save_checkpoint(params, config, tmp_path, fmt=layout)
+    file = tmp_path / "model.safetensors"
+    with safe_open(file, framework="np") as f:
+        metadata = f.metadata()
+    stored = load_file(file)
+    save_file({**stored, "score.bias": np.zeros(3, np.float32)}, file, metadata=metadata)
+    _, got = load_checkpoint(tmp_path)
+    assert_params_equal(got, params)
+    save_file({**stored, "score.bias": np.array([0.0, 0.5, 0.0], np.float32)}, file, metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"nonzero 'score.bias' \(max \|b\| = 0.5\)"):
+        load_checkpoint(tmp_path)
 
 
 def test_transformers_reproduces_reference_logits_from_our_save(tmp_path: Path) -> None:

@@ -23,11 +23,11 @@ def test_preset_parameter_counts(name, count):
 def test_schema_names_and_shapes():
     config = GPT2Config(vocab_size=10, n_positions=7, n_embd=6, n_layer=2, n_head=3, n_classes=4)
     shapes = param_shapes(config)
-    assert len(shapes) == 2 + 12 * 2 + 2 + 2
+    assert len(shapes) == 2 + 12 * 2 + 2 + 1  # embeddings, blocks, ln_f, score.weight (no bias, as HF)
     assert shapes["wte.weight"] == (10, 6) and shapes["wpe.weight"] == (7, 6)
     assert shapes["h.1.attn.c_attn.weight"] == (6, 18) and shapes["h.1.attn.c_attn.bias"] == (18,)
     assert shapes["h.0.mlp.c_fc.weight"] == (6, 24) and shapes["h.0.mlp.c_proj.weight"] == (24, 6)
-    assert shapes["score.weight"] == (6, 4) and shapes["score.bias"] == (4,)
+    assert shapes["score.weight"] == (6, 4) and "score.bias" not in shapes
     assert "lm_head.weight" not in shapes
 
 

@@ -199,19 +199,21 @@ def test_greedy_generation_matches_transformers(tiny, reference, tiny64_models, 
 
 
 def test_untied_head_and_classifier(tiny, reference):
-    """lm_head / score read the final hidden state transformers computed (lnf64): logits = lnf @ W.T."""
+    """lm_head / score read the final hidden state transformers computed (lnf64): logits = lnf @ W.T; the
+    classifier reads each row at its last real token (lengths - 1), with no bias."""
     config, _, params64 = tiny
     rng = np.random.default_rng(0)
-    extra = {"lm_head.weight": rng.standard_normal((97, 16)), "score.weight": rng.standard_normal((16, 3)),
-             "score.bias": rng.standard_normal(3)}
+    extra = {"lm_head.weight": rng.standard_normal((97, 16)), "score.weight": rng.standard_normal((16, 3))}
     model = GPT2.from_params({**params64, **extra}, config.replace(tie_word_embeddings=False, n_classes=3))
     tokens = reference["tokens_1"]
+    lengths = np.array([tokens.shape[1], 5])  # row 1 read at position 4: the causal mask hides what follows
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens)).cpu().numpy()
-        classes = model.classify(torch.from_numpy(tokens)).cpu().numpy()
+        classes = model.classify(torch.from_numpy(tokens), lengths).cpu().numpy()
     lnf = reference["lnf64_1"]
     np.testing.assert_allclose(logits, lnf @ extra["lm_head.weight"].T, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(classes, lnf[:, -1] @ extra["score.weight"] + extra["score.bias"], rtol=0, atol=1e-10)
+    pooled = lnf[np.arange(2), lengths - 1]
+    np.testing.assert_allclose(classes, pooled @ extra["score.weight"], rtol=0, atol=1e-10)
 
 
 # ---------------------------------------------------------------- decoding against full recomputation

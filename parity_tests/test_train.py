@@ -315,3 +315,16 @@ def test_help_names_the_course_run(capsys):
     out = capsys.readouterr().out
     assert "--resume" in out and "torchrun" in out and "the-verdict" in out
     assert math.isclose(4e-4, float(out.split("peak learning rate (default: ")[1].split(")")[0]))
+
+
+def test_plot_overlays_runs_and_reports_time_per_step(text, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert gpt2_train(text, a, "--max-steps", "4") == 0
+    assert gpt2_train(text, b, "--max-steps", "4", "--lr", "1e-3") == 0
+    capsys.readouterr()
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "both.png"), "--labels", "slow,fast"]) == 0
+    out = capsys.readouterr().out
+    assert "slow: 4 steps" in out and "fast: 4 steps" in out and "s/step (median)" in out
+    assert (tmp_path / "both.png").stat().st_size > 1000
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no log.jsonl" in capsys.readouterr().err

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.batch import Batch, epoch_order, in_order
+
 EOT = "<|endoftext|>"
 
 
@@ -114,21 +116,26 @@ class TextData:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f, ids=ids: np.save(f, ids, allow_pickle=False))
 
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def train_batch(self, indices: np.ndarray) -> Batch:
+        """``tasks.training.Batch`` of training windows ``indices``: inputs and next-token targets."""
+        tokens, targets = self.train.batch(indices)
+        return Batch(tokens, targets)
+
+    def val_batch(self, indices: np.ndarray) -> Batch:
+        tokens, targets = self.val.batch(indices)
+        return Batch(tokens, targets)
+
     def train_batches(self, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
-        """Epoch ``epoch``'s batches of window indices: a permutation seeded by (seed, epoch), cut into
-        ``batch_size`` rows; an incomplete last batch is dropped (the course's drop_last=True)."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.train))
-        n = len(order) // batch_size
-        return [order[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+        """Epoch ``epoch``'s batches of window indices (``tasks.batch.epoch_order``: seeded, drop_last)."""
+        return epoch_order(len(self.train), batch_size, epoch, seed)
 
     def val_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         """Validation windows in order, ``batch_size`` at a time (the last batch may be smaller)."""
-        n = len(self.val)
-        starts = range(0, n, batch_size)
-        for i, s in enumerate(starts):
-            if limit is not None and i >= limit:
-                return
-            yield np.arange(s, min(s + batch_size, n))
+        return in_order(len(self.val), batch_size, limit)
 
 
 def prepare(paths: Sequence[str | Path], encoder, context: int, stride: int, val_fraction: float,

@@ -28,7 +28,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,16 +39,39 @@ from mapper.checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,
+    load_lora_adapters,
     load_tensors,
     save_checkpoint,
+    save_lora_adapters,
     save_tensors,
 )
 from mapper.config import GPT2Config
+from mapper.lora import merge_lora, split_lora
+from tasks.batch import Batch
 from tasks.schedule import schedule_lr
-from tasks.text import TextData
 
 STATE_FORMAT = 1
 CHECKPOINT, PREVIOUS = "checkpoint", "checkpoint.previous"
+LORA_FILE = "lora.safetensors"  # a LoRA run's adapters; its checkpoint's model is their frozen base
+
+
+class Dataset(Protocol):
+    """What the loop needs from a task's data (``tasks.text.TextData``, ``tasks.finetune``'s data sets)."""
+
+    def train_batches(self, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
+        """Epoch ``epoch``'s batches of training indices: seeded by (seed, epoch), the last incomplete dropped."""
+        ...
+
+    def train_batch(self, indices: np.ndarray) -> Batch: ...
+
+    def val_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]: ...
+
+    def val_batch(self, indices: np.ndarray) -> Batch: ...
+
+    @property
+    def n_train(self) -> int: ...
+
+    def save_cache(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -58,13 +81,16 @@ class Backend(Protocol):
     config: GPT2Config
     is_main: bool  # writes logs and checkpoints (rank 0 of a distributed run, or the only process)
 
-    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float, grad_clip: float | None
-             ) -> tuple[float, float]:
+    def step(self, micro_batches: list[Batch], lr: float, grad_clip: float | None) -> tuple[float, float]:
         """One optimizer step over the micro-batches (their gradients averaged); returns (mean loss, gradient norm
         before clipping). A non-finite loss raises ``FloatingPointError`` before any parameter changes."""
         ...
 
-    def loss(self, tokens: np.ndarray, targets: np.ndarray) -> float: ...
+    def loss(self, batch: Batch) -> float: ...
+
+    def class_logits(self, batch: Batch) -> np.ndarray:
+        """Classification logits [B, n_classes] of a batch with ``lengths``."""
+        ...
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]: ...
 
@@ -113,6 +139,8 @@ class RunArgs:
     autocast: str | None = None
     compile: bool = False
     world_size: int = 1
+    task: str = "pretrain"
+    options: dict = field(default_factory=dict)  # the task's own settings (trainable, lora, mask_prompt, ...)
 
 
 HOW_FIELDS = {"data", "save_every", "device", "compile"}  # how it runs, not what it computes
@@ -131,11 +159,11 @@ class Stop(Exception):
     """The run stopped early on purpose (--stop-after, Ctrl-C) after writing a checkpoint."""
 
 
-def steps_per_epoch(data: TextData, args: RunArgs) -> int:
+def steps_per_epoch(data: Dataset, args: RunArgs) -> int:
     return len(data.train_batches(args.batch_size, 0, args.seed)) // args.grad_accum
 
 
-def planned_steps(data: TextData, args: RunArgs) -> int:
+def planned_steps(data: Dataset, args: RunArgs) -> int:
     return args.max_steps if args.max_steps else (args.epochs or 1) * steps_per_epoch(data, args)
 
 
@@ -191,7 +219,18 @@ def write_checkpoint(out_dir: Path, backend: Backend, args: RunArgs, progress: P
     staging = out_dir / f"{CHECKPOINT}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_checkpoint(backend.params(), backend.config, staging)
+    lora = getattr(backend, "lora", None)
+    params = backend.params()
+    if lora is None:
+        save_checkpoint(params, backend.config, staging)
+        export = staging
+    else:  # the adapters apart from their (frozen) base, to resume; the merged plain GPT-2 for every loader
+        base, _ = split_lora(params)
+        save_checkpoint(base, backend.config, staging)
+        save_lora_adapters(params, lora, staging / LORA_FILE)
+        export = staging / "merged"
+        export.mkdir()
+        save_checkpoint(merge_lora(params, lora), backend.config, export)
     save_tensors(staging / "optimizer.safetensors", backend.optimizer_state(), {"step": str(progress.step)})
     state = {"format": STATE_FORMAT, "step": progress.step, "tokens_seen": progress.tokens_seen,
              "elapsed": progress.elapsed, "log_lines": progress.log_lines, "args": asdict(args)}
@@ -203,13 +242,14 @@ def write_checkpoint(out_dir: Path, backend: Backend, args: RunArgs, progress: P
     os.replace(staging, current)
     _fsync_dir(out_dir)
     shutil.rmtree(previous, ignore_errors=True)
+    exported = current if lora is None else current / "merged"
     for name in ("model.safetensors", "config.json"):  # the latest model at the top of DIR, as a hard link
         link = out_dir / f".{name}.link"
         link.unlink(missing_ok=True)
         try:
-            os.link(current / name, link)
+            os.link(exported / name, link)
         except OSError:
-            shutil.copyfile(current / name, link)
+            shutil.copyfile(exported / name, link)
         os.replace(link, out_dir / name)
     _fsync_dir(out_dir)
 
@@ -226,6 +266,9 @@ def load_run(checkpoint: Path) -> tuple[GPT2Config, dict[str, np.ndarray], dict[
     """(config, params, optimizer state, state.json) of a checkpoint folder."""
     state = read_state(checkpoint)
     config, params = load_checkpoint(checkpoint)
+    if (checkpoint / LORA_FILE).is_file():
+        _, adapters = load_lora_adapters(checkpoint / LORA_FILE)
+        params = {**params, **adapters}
     optimizer, _ = load_tensors(checkpoint / "optimizer.safetensors")
     return config, params, optimizer, state
 
@@ -233,21 +276,24 @@ def load_run(checkpoint: Path) -> tuple[GPT2Config, dict[str, np.ndarray], dict[
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def evaluate(backend: Backend, data: TextData, args: RunArgs) -> dict[str, float]:
-    """Mean loss over ``eval_batches`` batches of the validation windows (in order) and of the training windows
-    (in file order, not shuffled, so every evaluation reads the same ones)."""
-    out = {}
-    val = [backend.loss(*data.val.batch(idx)) for idx in data.val_batches(args.batch_size, args.eval_batches)]
-    if val:
-        out["val_loss"] = float(np.mean(val))
-    n_train = min(args.eval_batches, len(data.train) // args.batch_size)
-    train = [backend.loss(*data.train.batch(np.arange(i * args.batch_size, (i + 1) * args.batch_size)))
-             for i in range(n_train)]
-    out["eval_train_loss"] = float(np.mean(train))
+def evaluate(backend: Backend, data: Dataset, args: RunArgs) -> dict[str, float]:
+    """Mean loss over ``eval_batches`` batches of the validation set (in order) and of the training set (its
+    first batches in file order, not shuffled, so every evaluation reads the same ones); for classification also
+    the accuracy on those batches."""
+    out: dict[str, float] = {}
+    val = [data.val_batch(idx) for idx in data.val_batches(args.batch_size, args.eval_batches)]
+    n_train = min(args.eval_batches, data.n_train // args.batch_size)
+    train = [data.train_batch(np.arange(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(n_train)]
+    for name, batches in (("val", val), ("eval_train", train)):
+        if batches:
+            out[f"{name}_loss"] = float(np.mean([backend.loss(b) for b in batches]))
+            if batches[0].is_classification:
+                correct = sum(int((backend.class_logits(b).argmax(-1) == b.labels).sum()) for b in batches)
+                out[f"{name}_accuracy"] = correct / sum(len(b.labels) for b in batches)
     return out
 
 
-def train(backend: Backend, data: TextData, args: RunArgs, out_dir: Path, encoder, progress: Progress,
+def train(backend: Backend, data: Dataset, args: RunArgs, out_dir: Path, encoder, progress: Progress,
           stop_after: int | None = None, show_progress: bool = True, say: Callable[[str], None] = print) -> Progress:
     """Run (or continue) the loop until the planned step; ``Stop`` after a checkpoint on --stop-after / Ctrl-C."""
     from tqdm import tqdm
@@ -281,22 +327,21 @@ def train(backend: Backend, data: TextData, args: RunArgs, out_dir: Path, encode
             lr = schedule_lr(args.schedule, progress.step, args.lr, args.warmup_steps, total, args.min_lr)
             start = time.perf_counter()
             try:
-                loss, grad_norm = backend.step([data.train.batch(b) for b in batches], lr, args.grad_clip or None)
+                micro = [data.train_batch(b) for b in batches]
+                loss, grad_norm = backend.step(micro, lr, args.grad_clip or None)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e} (step {progress.step + 1}); stopped, {_kept(out_dir)}") from None
             progress.elapsed += time.perf_counter() - start
             progress.step += 1
-            progress.tokens_seen += len(batches) * args.batch_size * args.context
+            progress.tokens_seen += sum(b.tokens.size for b in micro)
             record = {"step": progress.step, "epoch": epoch + 1, "tokens_seen": progress.tokens_seen,
                       "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed": round(progress.elapsed, 3)}
             if progress.step == 1 or progress.step % args.eval_every == 0 or progress.step == total:
                 record.update(evaluate(backend, data, args))
                 if prompt and main:
-                    ids = backend.greedy(prompt, args.sample_tokens, eos)
-                    record["sample"] = encoder.decode(ids)
-                    bar.write(f"step {progress.step}: train {record['eval_train_loss']:.3f}"
-                              + (f", val {record['val_loss']:.3f}" if "val_loss" in record else "")
-                              + f" | {_shorten(record['sample'])!r}")
+                    record["sample"] = encoder.decode(backend.greedy(prompt, args.sample_tokens, eos))
+                if main:
+                    bar.write(_eval_line(record))
             if main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -323,6 +368,14 @@ def train(backend: Backend, data: TextData, args: RunArgs, out_dir: Path, encode
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     return progress
+
+
+def _eval_line(record: dict) -> str:
+    """One terminal line per evaluation: the losses, accuracies and the start of the sample."""
+    parts = [f"{label} {record[key]:.3f}" for key, label in (("eval_train_loss", "train"), ("val_loss", "val"),
+             ("eval_train_accuracy", "train acc"), ("val_accuracy", "val acc")) if key in record]
+    sample = f" | {_shorten(record['sample'])!r}" if "sample" in record else ""
+    return f"step {record['step']}: " + ", ".join(parts) + sample
 
 
 def _shorten(text: str, width: int = 70) -> str:
@@ -352,7 +405,28 @@ def _truncate_log(path: Path, lines: int) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl file, in order."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_run_log(run_dir: Path) -> list[dict]:
+    """The log of a ``gpt2 train`` folder; ``ValueError`` when there is none or it is empty."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a gpt2 train folder (no log.jsonl)")
+    try:
+        records = read_log(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON lines: {e}") from None
+    if not records:
+        raise ValueError(f"{path} is empty")
+    return records
+
+
+def seconds_per_step(records: list[dict]) -> float:
+    """Median time of one optimizer step (``elapsed`` counts steps only, not evaluation or checkpoints)."""
+    elapsed = [0.0] + [r["elapsed"] for r in records]
+    return float(np.median(np.diff(elapsed)))
 
 
 def _main_thread() -> bool:
@@ -394,7 +468,7 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None
     os.replace(tmp, out)
 
 
-def run(args: RunArgs, data: TextData, out_dir: Path, encoder, config: GPT2Config | None,
+def run(args: RunArgs, data: Dataset, out_dir: Path, encoder, config: GPT2Config | None,
         params: dict[str, np.ndarray] | None, make_backend: Callable[[GPT2Config, dict[str, np.ndarray]], Backend],
         resume: bool = False, stop_after: int | None = None, show_progress: bool = True,
         say: Callable[[str], None] = print) -> Progress:

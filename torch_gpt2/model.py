@@ -6,9 +6,12 @@ Legend: ``B`` batch, ``T`` time, ``C`` n_embd, ``V`` vocab, ``NH`` heads, ``hs``
     x = wte[tokens] + wpe[positions]                          # [B, T, C]
     for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
     logits = ln_f(x) @ wte.T                                  # tied head, [B, T, V]
+    classifier: ln_f(x)[b, lengths[b] - 1] @ score.weight.T   # [B, n_classes], no bias (as Hugging Face)
 
 The two attention layouts differ only in how q, k, v are projected (``fused``: one ``c_attn`` Linear
 C -> 3C; ``custom``: ``q_proj``, ``k_proj``, ``v_proj``, each C -> C); the attention math is written once.
+With a :class:`mapper.LoraConfig` every targeted :class:`Linear` adds ``scale * (x A) B`` (one implementation,
+:class:`Linear`, whatever the layout); LoRA on attention needs the fused layout (``check_lora_layout``).
 Conversion to and from the canonical NumPy parameters lives in :mod:`mapper.layouts`.
 There is no dropout: GPT-2 inference and the parity tests need none.
 """
@@ -25,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mapper.config import GPT2Config
-from mapper.layouts import check_attention_layout, from_module_state, to_module_state
+from mapper.layouts import check_attention_layout, check_lora_layout, from_module_state, to_module_state
+from mapper.lora import LoraConfig, init_lora_params
 from mapper.schema import init_params, validate_params
-from mapper.tokens import IGNORE_INDEX, check_targets, check_token_shape, check_tokens
+from mapper.tokens import IGNORE_INDEX, check_labels, check_lengths, check_targets, check_token_shape, check_tokens
 from torch_gpt2.generate import KVCache, generate, generate_stream
 from torch_gpt2.onednn import linear
 
@@ -70,15 +74,33 @@ def resolve_device(device: str | torch.device | None, dtype: torch.dtype = torch
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state names) whose forward may take the oneDNN fast path.
+    """``nn.Linear`` (same parameters and state names) whose forward may take the oneDNN fast path, with an
+    optional LoRA adapter.
 
+    With ``lora`` it also holds ``lora_A`` [r, in] and ``lora_B`` [out, r] (nn.Linear's orientation, like
+    ``weight``) and computes ``y = x W^T + b + scale * (x A^T) B^T``, scale = alpha / r. Their values come from
+    :meth:`GPT2.from_params` (canonical adapters, transposed by :mod:`mapper.layouts`); here they start at zero.
     ``onednn`` is set for the whole model by :meth:`GPT2.set_onednn_linear`.
     """
 
     onednn: bool = True
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, lora: LoraConfig | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_scale = 0.0 if lora is None else lora.scale
+        if lora is None:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+        else:
+            self.lora_A = nn.Parameter(torch.zeros(lora.rank, in_features))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, lora.rank))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.onednn)
+        y = linear(x, self.weight, self.bias, self.onednn)  # x W^T + b
+        if self.lora_A is None:
+            return y
+        u = linear(x, self.lora_A, None, self.onednn)  # [..., r] = x A^T
+        return y + self.lora_scale * linear(u, self.lora_B, None, self.onednn)  # + scale * u B^T
 
 
 def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
@@ -115,19 +137,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; ``attention`` ("fused" | "custom") picks only the q/k/v projection."""
 
-    def __init__(self, config: GPT2Config, attention: str) -> None:
+    def __init__(self, config: GPT2Config, attention: str, lora: LoraConfig | None = None) -> None:
         super().__init__()
-        check_attention_layout(attention)
+        check_lora_layout(attention, lora)
         C = config.n_embd
         self.layout = attention
         self.n_head = config.n_head
+        adapter = lora if lora is not None and "attn" in lora.targets else None
         if attention == "fused":
-            self.c_attn = Linear(C, 3 * C)  # rows q | k | v
+            self.c_attn = Linear(C, 3 * C, lora=adapter)  # rows q | k | v
         else:
             self.q_proj = Linear(C, C)
             self.k_proj = Linear(C, C)
             self.v_proj = Linear(C, C)
-        self.c_proj = Linear(C, C)
+        self.c_proj = Linear(C, C, lora=adapter)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, C] -> q, k, v, each [B, T, C]."""
@@ -163,10 +186,11 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """c_proj(gelu_tanh(c_fc(x))): [B, T, C] -> [B, T, 4C] -> [B, T, C]."""
 
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, lora: LoraConfig | None = None) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        adapter = lora if lora is not None and "mlp" in lora.targets else None
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, lora=adapter)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, lora=adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -176,12 +200,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
-    def __init__(self, config: GPT2Config, attention: str) -> None:
+    def __init__(self, config: GPT2Config, attention: str, lora: LoraConfig | None = None) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)  # biased variance, like GPT-2
-        self.attn = CausalSelfAttention(config, attention)
+        self.attn = CausalSelfAttention(config, attention, lora)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, lora)
 
     def forward(
         self,
@@ -201,30 +225,39 @@ class GPT2(nn.Module):
     ``attn_impl`` = "sdpa" (default) or "math". ``autocast_dtype`` (torch.bfloat16 / torch.float16, or None)
     runs forward and decoding under ``torch.autocast``. ``onednn_linear`` (default True) lets float32 CPU
     inference use oneDNN's matmul (:mod:`torch_gpt2.onednn`; it is used only where it exists and was checked).
+    ``lora`` (a :class:`mapper.LoraConfig`, or None) gives the targeted linears LoRA adapters (:class:`Linear`).
     Build one with :meth:`from_params` or :meth:`from_config`; ``generate`` / ``generate_stream`` are
     :mod:`torch_gpt2.generate`'s functions.
     """
 
     def __init__(
-        self, config: GPT2Config, attention: str = "fused", attn_impl: str = "sdpa", onednn_linear: bool = True
+        self,
+        config: GPT2Config,
+        attention: str = "fused",
+        attn_impl: str = "sdpa",
+        onednn_linear: bool = True,
+        lora: LoraConfig | None = None,
     ) -> None:
         super().__init__()
         check_attention_layout(attention)
+        check_lora_layout(attention, lora)
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.config = config
         self.attention = attention
+        self.lora = lora
         self.attn_impl = attn_impl
         self.autocast_dtype: torch.dtype | None = None
         self._compiled_forward: Any = None
         C = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, C)
         self.wpe = nn.Embedding(config.n_positions, C)
-        self.h = nn.ModuleList(Block(config, attention) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, attention, lora) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_epsilon)
         # The tied head has no module: logits = h @ wte.weight.T, so gradients reach wte from both uses.
         self.lm_head = None if config.tie_word_embeddings else Linear(C, config.vocab_size, bias=False)
-        self.score = None if config.n_classes is None else Linear(C, config.n_classes)
+        # Hugging Face's GPT2ForSequenceClassification head: no bias
+        self.score = None if config.n_classes is None else Linear(C, config.n_classes, bias=False)
         self.set_onednn_linear(onednn_linear)
 
     def set_onednn_linear(self, enabled: bool) -> None:
@@ -248,19 +281,23 @@ class GPT2(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         compile: bool = False,
         onednn_linear: bool = True,
+        lora: LoraConfig | None = None,
     ) -> GPT2:
         """A module holding copies of the canonical ``params`` (float64 -> float64 module, float32 -> float32).
 
         ``device`` None = auto (cuda > mps > cpu); ``dtype`` casts the weights; ``compile`` wraps the
         forward in ``torch.compile`` (see :meth:`enable_compile`); ``onednn_linear`` as in the class.
+        ``lora``: the LoRA settings of the adapters ``params`` holds (``h.{i}.<layer>.lora_A`` / ``lora_B``);
+        params with adapters and no ``lora`` are refused, as are adapters on attention with ``attention="custom"``.
         """
-        np_dtype = validate_params(params, config)
+        check_lora_layout(attention, lora)
+        np_dtype = validate_params(params, config, lora)
         param_dtype = dtype or (torch.float64 if np_dtype == np.float64 else torch.float32)
         target = resolve_device(device, param_dtype)  # a bad device fails here, before any copying
-        state = to_module_state(params, config, attention)
+        state = to_module_state(params, config, attention, lora)
         # Built on the meta device so no time goes into an initialisation that is overwritten at once.
         with torch.device("meta"):
-            model = cls(config, attention, attn_impl, onednn_linear)
+            model = cls(config, attention, attn_impl, onednn_linear, lora)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True, assign=True)
         model.to(device=target, dtype=param_dtype)
         model.set_autocast(autocast_dtype)
@@ -270,17 +307,29 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: GPT2Config, seed: int = 0, attention: str = "fused", device: str | None = None, **kwargs: Any
+        cls,
+        config: GPT2Config,
+        seed: int = 0,
+        attention: str = "fused",
+        device: str | None = None,
+        lora: LoraConfig | None = None,
+        **kwargs: Any,
     ) -> GPT2:
-        """A freshly initialised model (GPT-2's initialisation, :func:`mapper.init_params`), e.g. for pretraining."""
-        return cls.from_params(init_params(config, seed), config, attention, device, **kwargs)
+        """A freshly initialised model (GPT-2's initialisation, :func:`mapper.init_params`), e.g. for pretraining;
+        with ``lora``, fresh adapters too (:func:`mapper.init_lora_params`, same seed: B = 0, so the same outputs)."""
+        params = init_params(config, seed)
+        if lora is not None:
+            params.update(init_lora_params(config, lora, seed))
+        return cls.from_params(params, config, attention, device, lora=lora, **kwargs)
 
     def to_params(self) -> dict[str, np.ndarray]:
-        """The canonical NumPy parameters (float64 stays float64; float32, bf16 and fp16 become float32)."""
+        """The canonical NumPy parameters, adapters included (float64 stays float64; float32, bf16 and fp16
+        become float32). :func:`mapper.merge_lora` folds the adapters in."""
         return self._to_canonical(self.state_dict())
 
     def grads_to_params(self) -> dict[str, np.ndarray]:
-        """The parameters' ``.grad`` in the canonical schema (names, [in, out] orientation, c_attn fused).
+        """The parameters' ``.grad`` in the canonical schema (names, [in, out] orientation, c_attn fused),
+        adapters included.
 
         The layout conversion is linear, so gradients map exactly like the weights they belong to.
         Raises ``ValueError`` if a parameter has no gradient (call ``backward`` first).
@@ -296,7 +345,7 @@ class GPT2(nn.Module):
         for name, tensor in tensors.items():
             t = tensor.detach().cpu()
             state[name] = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
-        return from_module_state(state, self.config, self.attention)
+        return from_module_state(state, self.config, self.attention, self.lora)
 
     def set_autocast(self, dtype: torch.dtype | None) -> None:
         """Run forward passes under ``torch.autocast(device, dtype)`` (bf16/fp16), or not (None)."""
@@ -342,9 +391,11 @@ class GPT2(nn.Module):
         check_token_shape(tuple(tokens.shape), self.config, name)
 
     def to_device(self, tokens: np.ndarray | torch.Tensor, name: str = "tokens") -> torch.Tensor:
-        """Host tokens [B, T] -> a checked int64 tensor on the model's device (ids checked before the copy)."""
+        """Host tokens [B, T] -> a checked int64 tensor on the model's device (ids checked before the copy).
+        ``name="targets"`` also accepts ``IGNORE_INDEX`` (positions without a loss)."""
         host = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-        checked = check_tokens(host, self.config, name)
+        checked = (check_targets(host, host.shape, self.config) if name == "targets"
+                   else check_tokens(host, self.config, name))
         return torch.tensor(checked).to(self.device, non_blocking=True)
 
     def hidden_states(
@@ -409,19 +460,64 @@ class GPT2(nn.Module):
         self, tokens: np.ndarray, targets: np.ndarray
     ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
         """NumPy in, NumPy out, like ``numpy_gpt2.loss_and_grads``: (logits [B, T, V], mean loss, the gradient of
-        every parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared)."""
+        every parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared);
+        a classification head, which this loss does not use, gets zeros."""
         self.zero_grad(set_to_none=True)
         logits, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device))
         loss.backward()
+        self._zero_unused_grads()
         return logits.detach().cpu().numpy(), float(loss.detach()), self.grads_to_params()
 
-    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Classification head on the last position: tokens [B, T] -> [B, n_classes]."""
+    def _zero_unused_grads(self) -> None:
+        """Zeros as the gradient of every trainable parameter the last backward did not reach (a head that loss
+        does not use), as the NumPy spec reports them; frozen parameters keep None."""
+        for p in self.parameters():
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
+
+    # ------------------------------------------------------------------ sequence classification
+
+    def _lengths_tensor(self, lengths: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        host = lengths.detach().cpu().numpy() if isinstance(lengths, torch.Tensor) else np.asarray(lengths)
+        return torch.from_numpy(check_lengths(host, shape)).to(self.device)
+
+    def classify(self, tokens: torch.Tensor, lengths: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Hugging Face's GPT2ForSequenceClassification: right-padded tokens [B, T] whose row b has ``lengths[b]``
+        real tokens -> class logits [B, n_classes] = ln_f output at position lengths[b] - 1 @ score.weight.T.
+
+        The causal mask keeps the padding after a row's last real token out of its hidden state, so a padded
+        row scores as it would alone. ``lengths`` (int [B], each in 1 .. T) is checked on the host.
+        """
         if self.score is None:
             raise ValueError("this model has no classification head (config.n_classes is None)")
         self.check_tokens(tokens)
+        index = self._lengths_tensor(lengths, tuple(tokens.shape)) - 1
         with self.autocast_context():
-            return self.score(self.hidden_states(tokens)[:, -1])
+            h = self.hidden_states(tokens)  # [B, T, C]
+            pooled = h[torch.arange(h.shape[0], device=h.device), index]  # [B, C] each row at its last real token
+            return self.score(pooled)
+
+    def classify_loss(
+        self, tokens: torch.Tensor, lengths: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits [B, n_classes], mean cross-entropy of ``labels`` [B], each in [0, n_classes)); both
+        differentiable. bf16/fp16 logits are upcast to float32 for the loss."""
+        logits = self.classify(tokens, lengths)
+        host = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        target = torch.from_numpy(check_labels(host, tokens.shape[0], self.config.n_classes)).to(self.device)
+        flat = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        return logits, F.cross_entropy(flat, target)
+
+    def classify_loss_and_grads(
+        self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+        """NumPy in, NumPy out, like ``numpy_gpt2.classify_loss_and_grads``: (class logits [B, n_classes], mean
+        loss, the gradient of every parameter in the canonical schema; an untied ``lm_head`` gets zeros)."""
+        self.zero_grad(set_to_none=True)
+        logits, loss = self.classify_loss(self.to_device(tokens), lengths, labels)
+        loss.backward()
+        self._zero_unused_grads()
+        return logits.detach().cpu().numpy(), float(loss.detach()), self.grads_to_params()
 
     # decoding (KV cache, ragged batches, sampling) lives in torch_gpt2/generate.py
     generate = generate

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from tasks.schedule import lr_at
 
-__all__ = ["configure_adamw", "lr_at", "train_step"]
+__all__ = ["configure_adamw", "lr_at", "micro_batch_loss", "train_step"]
 
 
 def configure_adamw(
@@ -39,6 +39,21 @@ def configure_adamw(
     groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=None if fused else False, fused=fused)
+
+
+def micro_batch_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
+                     ) -> torch.Tensor:
+    """The mean loss of one micro-batch: ``(tokens, targets)`` or ``{"tokens", "targets"}`` for language modelling,
+    ``{"tokens", "lengths", "labels"}`` for classification (cross-entropy of ``model.classify``'s logits; not
+    through a DistributedDataParallel wrapper, whose gradient hooks only see ``forward``)."""
+    if isinstance(batch, dict) and "labels" in batch:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("classification fine-tuning runs in one process (DistributedDataParallel only wraps "
+                             "the language-model forward)")
+        logits = model.classify(batch["tokens"], batch["lengths"])
+        return nn.functional.cross_entropy(logits.float(), batch["labels"])
+    tokens, targets = (batch["tokens"], batch["targets"]) if isinstance(batch, dict) else batch
+    return model(tokens, targets)[1]
 
 
 def train_step(
@@ -71,9 +86,9 @@ def train_step(
     device = next(model.parameters()).device
     total_loss = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce only on the last micro-batch
-    for i, (tokens, targets) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
-            _, loss = model(tokens, targets)
+            loss = micro_batch_loss(model, batch)
             scaled = loss / len(micro_batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total_loss += loss.detach().to(total_loss.dtype)

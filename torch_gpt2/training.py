@@ -17,6 +17,8 @@ import torch
 
 from mapper.config import GPT2Config
 from mapper.layouts import from_module_state, to_module_state
+from mapper.lora import LoraConfig
+from tasks.batch import Batch
 from torch_gpt2.model import GPT2
 from torch_gpt2.train import configure_adamw, train_step
 
@@ -36,8 +38,9 @@ class TorchBackend:
     def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float, decay: str,
                  device: str | None = None, dtype: str = "float32", autocast: str | None = None,
                  compile: bool = False, attention: str = "fused", betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, trainable: set[str] | None = None, lora: LoraConfig | None = None) -> None:
         self.config = config
+        self.lora = lora
         self.rank, self.world = distributed_world()
         self.is_main = self.rank == 0
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -47,7 +50,15 @@ class TorchBackend:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
         np_params = {k: v.astype(dtype, copy=False) for k, v in params.items()}
         self.model = GPT2.from_params(np_params, config, attention, device=device,
-                                      autocast_dtype=AUTOCAST[autocast] if autocast else None, compile=compile)
+                                      autocast_dtype=AUTOCAST[autocast] if autocast else None, compile=compile,
+                                      lora=lora)
+        if trainable is not None:  # the fused layout's module names are the canonical names
+            named = dict(self.model.named_parameters())
+            missing = sorted(set(trainable) - set(named))
+            if missing:
+                raise ValueError(f"no such parameters to train: {missing[:5]}")
+            for name, p in named.items():
+                p.requires_grad_(name in trainable)
         self.optimizer = configure_adamw(self.model, lr=0.0, weight_decay=weight_decay, betas=betas, eps=eps,
                                          decay=decay)
         self.scaler = torch.amp.GradScaler(self.model.device.type) if autocast == "fp16" else None
@@ -76,19 +87,36 @@ class TorchBackend:
             value /= self.world
         return value
 
-    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float, grad_clip: float | None
-             ) -> tuple[float, float]:
-        batches = [(self.model.to_device(self._share(x)), self.model.to_device(self._share(y), "targets"))
-                   for x, y in micro_batches]
+    def _device_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """This rank's share of a batch on the model's device (token ids checked on the host first)."""
+        out = {"tokens": self.model.to_device(self._share(batch.tokens))}
+        if batch.is_classification:
+            out["lengths"] = torch.from_numpy(self._share(batch.lengths)).to(self.model.device)
+            out["labels"] = torch.from_numpy(self._share(batch.labels)).to(self.model.device)
+        else:
+            out["targets"] = self.model.to_device(self._share(batch.targets), "targets")
+        return out
+
+    def step(self, micro_batches: list[Batch], lr: float, grad_clip: float | None) -> tuple[float, float]:
+        batches = [self._device_batch(b) for b in micro_batches]
         with self.model.autocast_context() if self.scaler is None else contextlib.nullcontext():
             stats = train_step(self.trained, self.optimizer, batches, lr=lr, grad_clip=grad_clip, scaler=self.scaler,
                                reduce_loss=self._all_ranks_mean)
         return stats["loss"], stats["grad_norm"]
 
     @torch.no_grad()
-    def loss(self, tokens: np.ndarray, targets: np.ndarray) -> float:
-        _, value = self.model(self.model.to_device(tokens), self.model.to_device(targets, "targets"))
+    def loss(self, batch: Batch) -> float:
+        if batch.is_classification:
+            logits = torch.from_numpy(self.class_logits(batch))
+            return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.labels)))
+        _, value = self.model(self.model.to_device(batch.tokens), self.model.to_device(batch.targets, "targets"))
         return float(value)
+
+    @torch.no_grad()
+    def class_logits(self, batch: Batch) -> np.ndarray:
+        lengths = torch.from_numpy(batch.lengths).to(self.model.device)
+        logits = self.model.classify(self.model.to_device(batch.tokens), lengths)
+        return logits.double().cpu().numpy()
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
         n = min(max_new_tokens, self.config.n_positions - len(prompt))
@@ -98,16 +126,27 @@ class TorchBackend:
     def params(self) -> dict[str, np.ndarray]:
         return self.model.to_params()
 
+    def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        from mapper.lora import lora_param_shapes
+        from mapper.schema import param_shapes
+
+        shapes = dict(param_shapes(self.config))
+        if self.lora is not None:
+            shapes.update(lora_param_shapes(self.config, self.lora))
+        return shapes
+
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """AdamW's moments mapped to the canonical schema like the weights (the layout change is linear)."""
+        """AdamW's moments of the trained parameters, mapped to the canonical schema like the weights (the
+        layout change is linear; frozen parameters are filled with zeros for the mapping and then left out)."""
         names = {id(p): name for name, p in self.model.named_parameters()}
-        m, v, steps = {}, {}, set()
+        m = {name: np.zeros(p.shape, dtype=self._np_dtype) for name, p in self.model.named_parameters()}
+        v = {name: np.zeros(p.shape, dtype=self._np_dtype) for name, p in self.model.named_parameters()}
+        steps, trained = set(), set()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
+                trained.add(names[id(p)])
                 state = self.optimizer.state.get(p)
                 if not state:  # no step taken yet
-                    m[names[id(p)]] = np.zeros(p.shape, dtype=self._np_dtype)
-                    v[names[id(p)]] = np.zeros(p.shape, dtype=self._np_dtype)
                     steps.add(0)
                     continue
                 m[names[id(p)]] = state["exp_avg"].detach().cpu().numpy()
@@ -116,17 +155,26 @@ class TorchBackend:
         if len(steps) != 1:
             raise RuntimeError(f"AdamW's parameters disagree on the step count: {sorted(steps)}")
         out = {"t": np.array([steps.pop()], dtype=np.float64)}
+        # which canonical tensors are trained: map an indicator (1 where trained) through the same layout change
+        indicator = {name: np.full(p.shape, float(name in trained)) for name, p in self.model.named_parameters()}
+        canonical_trained = {k for k, a in from_module_state(indicator, self.config, self.model.attention,
+                                                             self.lora).items() if a.any()}
         for prefix, state in (("m.", m), ("v.", v)):
-            out.update({prefix + k: a for k, a in from_module_state(state, self.config, self.model.attention).items()})
+            canonical = from_module_state(state, self.config, self.model.attention, self.lora)
+            out.update({prefix + k: a for k, a in canonical.items() if k in canonical_trained})
         return out
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         t = int(state["t"][0])
         moments = {}
+        shapes = self._canonical_shapes()
         for prefix in ("m.", "v."):
-            canonical = {k[len(prefix):]: a for k, a in state.items() if k.startswith(prefix)}
-            moments[prefix] = to_module_state(canonical, self.config, self.model.attention)
+            canonical = {k: np.zeros(shape, dtype=self._np_dtype) for k, shape in shapes.items()}
+            canonical.update({k[len(prefix):]: a for k, a in state.items() if k.startswith(prefix)})
+            moments[prefix] = to_module_state(canonical, self.config, self.model.attention, self.lora)
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:  # frozen: AdamW holds no state for it
+                continue
             self.optimizer.state[p] = {
                 "step": torch.tensor(float(t), dtype=torch.float32, device=p.device if self._fused else "cpu"),
                 "exp_avg": torch.from_numpy(moments["m."][name]).to(device=p.device, dtype=p.dtype),

@@ -1,0 +1,60 @@
+"""``gpt2 classify``: label texts with a classifier trained by ``gpt2 finetune classify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
+                       description="Print the predicted label and its probability for each text, read at the last "
+                       "token of the text (no padding is involved: one text at a time).")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="the texts to classify")
+    p.add_argument("--weights", required=True, metavar="DIR", help="a gpt2 finetune classify folder")
+    p.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which implementation")
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gpt2_cli.common import load_tokenizer_for
+    from mapper import load_checkpoint
+    from tasks.batch import Batch
+
+    config, params = load_checkpoint(args.weights)
+    if config.n_classes is None:
+        raise ValueError(f"{args.weights} holds a language model, not a classifier (no score.weight)")
+    names = _class_names(Path(args.weights), config.n_classes)
+    encoder = load_tokenizer_for(args.tokenizer)
+    if args.backend == "numpy":
+        from numpy_gpt2.training import NumpyBackend
+
+        backend = NumpyBackend(config, params, 0.0, "matrices")
+    else:
+        from torch_gpt2.training import TorchBackend
+
+        backend = TorchBackend(config, params, 0.0, "matrices", device="cpu")
+    for text in args.texts:
+        ids = encoder.encode(text)[: config.n_positions]
+        if not ids:
+            raise ValueError("an empty text cannot be classified")
+        logits = backend.class_logits(Batch(np.array([ids]), lengths=np.array([len(ids)]), labels=np.zeros(1, int)))
+        p = np.exp(logits[0] - logits[0].max())
+        p /= p.sum()
+        k = int(p.argmax())
+        print(f"{names[k]}\t{p[k]:.4f}\t{text}")
+    return 0
+
+
+def _class_names(run_dir: Path, n: int) -> list[str]:
+    """The class names saved with the run (checkpoint/state.json), else "0", "1", ..."""
+    state = run_dir / "checkpoint" / "state.json"
+    if state.is_file():
+        names = json.loads(state.read_text())["args"].get("options", {}).get("class_names")
+        if names and len(names) == n:
+            return names
+    return [str(i) for i in range(n)]

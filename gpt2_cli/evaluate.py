@@ -1,0 +1,86 @@
+"""``gpt2 eval gsm8k``: exact-match accuracy of greedy answers on GSM8K, or of a predictions file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gpt2_cli.common import positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark (gsm8k)",
+                       description="Benchmarks with a real metric.")
+    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    g = benches.add_parser(
+        "gsm8k", help="GSM8K exact-match accuracy",
+        description="Greedy answers to GSM8K questions in the reasoning format (question, <think>, <answer>); "
+        "the number inside <answer> is compared by value with the reference after `####` ($30.00 equals 30). "
+        "Every prediction is written as a JSON line {index, response, predicted, reference, correct}; "
+        "--predictions scores such a file without a model.")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", metavar="DIR", help="the model (e.g. a gpt2 finetune reason folder)")
+    source.add_argument("--predictions", metavar="FILE", help="score these JSON lines {index, response} instead")
+    g.add_argument("--data", required=True, metavar="FILE", help="GSM8K JSON lines (question, answer)")
+    g.add_argument("--limit", type=positive_int, default=None, help="the first N questions only")
+    g.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which implementation")
+    g.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per response at most")
+    g.add_argument("--out", metavar="FILE", default=None,
+                   help="where the predictions go (default: gsm8k_predictions.jsonl beside --weights)")
+    g.add_argument("--json", metavar="OUT", default=None, help="write {accuracy, correct, n} here")
+    g.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
+    g.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mapper.checkpoint import atomic_write
+    from tasks.reason import read_gsm8k, read_predictions, score_gsm8k
+
+    data = read_gsm8k(args.data, strict=False)
+    if args.limit:
+        data = type(data)(list(data)[: args.limit], data.skipped_lines)
+    if args.predictions:
+        predictions = read_predictions(args.predictions)
+        if args.limit:
+            keep = {e.index for e in data}
+            predictions = [p for p in predictions if p["index"] in keep]
+    else:
+        predictions = predict(args, data)
+    scored = score_gsm8k(predictions, data)
+    if args.weights:
+        out = Path(args.out) if args.out else Path(args.weights) / "gsm8k_predictions.jsonl"
+        lines = "".join(json.dumps({**p, **r}) + "\n" for p, r in zip(predictions, scored["results"], strict=True))
+        atomic_write(out, lambda f: f.write(lines.encode()))
+        print(f"predictions in {out}", file=sys.stderr)
+    summary = {k: scored[k] for k in ("accuracy", "correct", "n")}
+    if args.json:
+        atomic_write(Path(args.json), lambda f: f.write((json.dumps(summary) + "\n").encode()))
+    print(f"GSM8K exact match: {scored['correct']}/{scored['n']} = {scored['accuracy']:.2%} "
+          f"({scored['n_no_answer']} responses without an <answer>)")
+    return 0
+
+
+def predict(args: argparse.Namespace, data) -> list[dict]:
+    """Greedy responses of the model in --weights to each question, stopping at EOS."""
+    from gpt2_cli.common import load_tokenizer_for
+    from gpt2_cli.finetune import _greedy_all
+    from mapper import load_checkpoint
+    from tasks.reason import format_reason_prompt
+
+    config, params = load_checkpoint(args.weights)
+    encoder = load_tokenizer_for(args.tokenizer)
+    if args.backend == "numpy":
+        from numpy_gpt2.training import NumpyBackend
+
+        backend = NumpyBackend(config, params, 0.0, "matrices")
+    else:
+        from torch_gpt2 import resolve_device
+        from torch_gpt2.training import TorchBackend
+
+        backend = TorchBackend(config, params, 0.0, "matrices", device=str(resolve_device(args.device)))
+    prompts = [encoder.encode(format_reason_prompt(e.question)) for e in data]
+    responses = _greedy_all(backend, prompts, args.max_new_tokens, encoder, "gsm8k")
+    return [{"index": e.index, "response": "<think>\n" + r} for e, r in zip(data, responses, strict=True)]

@@ -1,0 +1,307 @@
+"""``gpt2 finetune classify|instruct|reason``: the course's fine-tunes through the loop of ``gpt2 train``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_cli.common import positive_int
+from gpt2_cli.train import (
+    add_run_args,
+    backend_factory,
+    check_args,
+    common_run_args,
+    execute,
+    model_config,
+    resolve_run_device,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune: spam classifier, instruction following, reasoning",
+                       description="The course's fine-tunes, each through the training loop of `gpt2 train` "
+                       "(same checkpoints, --resume, Ctrl-C, log.jsonl and loss.png).")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    c = tasks.add_parser("classify", formatter_class=fmt, help="a classifier head on the last non-padding token",
+                         description="Balance the classes, split 70/10/20 (seeded), pad with <|endoftext|> and "
+                         "train a head score.weight (no bias, as Hugging Face's GPT2ForSequenceClassification) on "
+                         "the hidden state of each row's last non-padding token. Writes DIR/metrics.json "
+                         "(train/val/test accuracy, confusion matrix); DIR loads in transformers.")
+    c.add_argument("--data", required=True, metavar="FILE", help="label<TAB>text lines, or a CSV with text,label")
+    add_run_args(c, batch_size=8, lr=5e-5, eval_every=50, what="rows")
+    c.add_argument("--max-length", type=positive_int, default=None, help="pad/truncate rows to this many tokens "
+                   "(default: the longest training text)")
+    c.add_argument("--trainable", choices=["last-block", "all", "lora"], default="last-block",
+                   help="what trains: the last block + final LayerNorm + head (the course), everything, or LoRA "
+                   "adapters + head")
+    add_lora_args(c)
+    c.set_defaults(func=run_classify)
+
+    for name, help_text, desc in (
+        ("instruct", "Alpaca-format instruction following",
+         "The course's chapter 7: the Alpaca prompt, split 85/10/5 (seeded), EOS kept as a target and later "
+         "padding ignored. After training, greedy responses to the test set go to DIR/test_responses.json with "
+         "ROUGE-L against the references (DIR/metrics.json)."),
+        ("reason", "question -> <think>...</think> -> <answer>...</answer>",
+         "Reasoning fine-tune on the AM-DeepSeek-R1-distilled layout or GSM8K (question, answer ending in "
+         "`#### N`), loss on the response only by default. Samples longer than the context keep their answer: the "
+         "thinking is shortened, or the sample dropped (both counted). Validation: 10% of the samples, seeded."),
+    ):
+        t = tasks.add_parser(name, formatter_class=fmt, help=help_text, description=desc)
+        t.add_argument("--data", required=True, metavar="FILE",
+                       help="instruction JSON (instruction, input, output)" if name == "instruct" else
+                       "AM-format or GSM8K JSON lines")
+        add_run_args(t, batch_size=8, lr=5e-5, eval_every=50, what="examples")
+        t.add_argument("--max-length", type=positive_int, default=None,
+                       help="tokens per example at most (default: the model's context)")
+        masked = t.add_mutually_exclusive_group()
+        masked.add_argument("--mask-prompt", dest="mask_prompt", action="store_true", default=name == "reason",
+                            help="no loss on the prompt's tokens" + (" (default)" if name == "reason" else ""))
+        masked.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false",
+                            help="loss on every token, prompt included" + (" (default)" if name == "instruct" else ""))
+        t.add_argument("--trainable", choices=["all", "last-block", "lora"], default="all", help="what trains")
+        t.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per generated response")
+        if name == "instruct":
+            t.add_argument("--test-limit", type=positive_int, default=None,
+                           help="generate only the first N test responses")
+        add_lora_args(t)
+        t.set_defaults(func=run_instruct if name == "instruct" else run_reason)
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank r (enables LoRA; with "
+                   "--trainable lora only the adapters and the head train)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the update is (alpha / r) x A B")
+    p.add_argument("--lora-targets", default="attn", help="comma-separated: attn (c_attn, c_proj), mlp (c_fc, "
+                   "c_proj)")
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+def _setup(args: argparse.Namespace, n_classes: int | None = None):
+    """Checks, device, config and initial params (with a fresh head and LoRA adapters where asked)."""
+    from mapper import init_params
+    from mapper.lora import LoraConfig, init_lora_params
+    from tasks import training
+
+    check_args(args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("fine-tunes run in one process (torchrun is for gpt2 train)")
+    lora = None
+    if args.lora_rank is not None:
+        lora = LoraConfig(args.lora_rank, args.lora_alpha, tuple(t for t in args.lora_targets.split(",") if t))
+    elif args.trainable == "lora":
+        raise ValueError("--trainable lora needs --lora-rank")
+    device = resolve_run_device(args)
+    out = Path(args.out)
+    training.check_out_dir(out, args.resume)
+    config, params, init = model_config(args)
+    if n_classes is not None:
+        config = config.replace(n_classes=n_classes)
+    if args.max_length is not None and args.max_length > config.n_positions:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's {config.n_positions} positions")
+    if not args.resume:
+        if params is None:
+            params = init_params(config, args.seed, args.dtype)
+        elif n_classes is not None and "score.weight" not in params:  # a language model gets a new head
+            rng = np.random.default_rng([args.seed, 1])
+            params["score.weight"] = (0.02 * rng.standard_normal((config.n_embd, n_classes))).astype(args.dtype)
+        if lora is not None:
+            params = {**params, **init_lora_params(config, lora, args.seed, args.dtype)}
+    return config, params, init, lora, device
+
+
+def _trainable(args, config, params, lora) -> set[str]:
+    from mapper.lora import lora_param_shapes
+    from mapper.schema import param_shapes
+    from tasks.finetune import trainable_names
+
+    names = list(param_shapes(config)) + (list(lora_param_shapes(config, lora)) if lora is not None else [])
+    return trainable_names(names, config.n_layer, args.trainable)
+
+
+def _options(args, lora, **extra) -> dict:
+    return {"trainable": args.trainable, "lora": None if lora is None else lora.to_dict(),
+            "max_length": args.max_length, **extra}
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _final_backend(args, config, lora, device):
+    """The trained model of DIR's last checkpoint as a backend, for the final metrics."""
+    from tasks.training import CHECKPOINT, load_run
+
+    config, params, _, _ = load_run(Path(args.out) / CHECKPOINT)
+    return backend_factory(args, device, lora=lora)(config, params)
+
+
+def _write_json(path: Path, value) -> None:
+    from mapper.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
+
+
+# ---------------------------------------------------------------------------------------------- classify
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from gpt2_cli.common import load_tokenizer_for
+    from tasks import training
+    from tasks.batch import in_order
+    from tasks.classify import prepare_classification
+    from tasks.finetune import ClassifyData
+    from tasks.metrics import accuracy, confusion_matrix
+
+    encoder = load_tokenizer_for(args.tokenizer)
+    prepared = prepare_classification(args.data, encoder, args.seed, args.max_length)
+    config, params, init, lora, device = _setup(args, n_classes=len(prepared.class_names))
+    if prepared.length > config.n_positions:
+        raise ValueError(f"the longest training text is {prepared.length} tokens, above the model's "
+                         f"{config.n_positions} positions; pass --max-length")
+    data = ClassifyData(prepared.train, prepared.val)
+    run_args = training.RunArgs(**common_run_args(
+        args, config, init, [args.data], _sha256(args.data), device, context=prepared.length, stride=0,
+        val_fraction=0.1, sample_prompt="", sample_tokens=0, task="classify",
+        options=_options(args, lora, class_names=prepared.class_names)))
+    trainable = _trainable(args, config, params, lora)
+    progress = execute("finetune classify", args, run_args, data, encoder, config, params,
+                       backend_factory(args, device, trainable, lora), prepared.summary())
+    if progress is None:
+        return 0
+    backend = _final_backend(args, config, lora, device)
+    metrics: dict = {"class_names": prepared.class_names}
+    for name, split in (("train", prepared.train), ("val", prepared.val), ("test", prepared.test)):
+        if len(split) == 0:
+            continue
+        pred = np.concatenate([backend.class_logits(ClassifyData.rows(split, idx)).argmax(-1)
+                               for idx in in_order(len(split), args.batch_size)])
+        metrics[f"{name}_accuracy"] = accuracy(pred, split.labels)
+        metrics[f"{name}_confusion_matrix"] = confusion_matrix(pred, split.labels,
+                                                               len(prepared.class_names)).tolist()
+    metrics.update(steps=progress.step, train_seconds=round(progress.elapsed, 1), n_truncated=prepared.n_truncated)
+    _write_json(Path(args.out) / "metrics.json", metrics)
+    print("  ".join(f"{k.replace('_accuracy', '')} accuracy {metrics[k]:.2%}" for k in
+                    ("train_accuracy", "val_accuracy", "test_accuracy") if k in metrics))
+    if "test_confusion_matrix" in metrics:
+        names = prepared.class_names
+        print("test confusion matrix (rows: true, columns: predicted): " + "; ".join(
+            f"{names[i]}: " + ", ".join(f"{names[j]} {n}" for j, n in enumerate(row))
+            for i, row in enumerate(metrics["test_confusion_matrix"])))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- instruct
+
+
+def run_instruct(args: argparse.Namespace) -> int:
+    from gpt2_cli.common import load_tokenizer_for
+    from tasks import training
+    from tasks.finetune import ExampleData
+    from tasks.instruct import encode_examples, format_prompt, read_instructions, split_instructions
+    from tasks.metrics import rouge_l
+
+    entries = read_instructions(args.data)
+    train_idx, val_idx, test_idx = split_instructions(len(entries), args.seed)
+    encoder = load_tokenizer_for(args.tokenizer)
+    config, params, init, lora, device = _setup(args)
+    limit = min(args.max_length or config.n_positions, config.n_positions)
+    examples = encode_examples(entries, encoder)
+    data = ExampleData([examples[i] for i in train_idx], [examples[i] for i in val_idx], args.mask_prompt, limit)
+    n_cut = sum(len(ids) > limit for ids, _ in examples)
+    run_args = training.RunArgs(**common_run_args(
+        args, config, init, [args.data], _sha256(args.data), device, context=limit, stride=0, val_fraction=0.05,
+        sample_prompt=format_prompt(entries[val_idx[0]]) if len(val_idx) else "", sample_tokens=32,
+        task="instruct", options=_options(args, lora, mask_prompt=args.mask_prompt)))
+    description = (f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test examples, {n_cut} longer "
+                   f"than {limit} tokens truncated")
+    progress = execute("finetune instruct", args, run_args, data, encoder, config, params,
+                       backend_factory(args, device, _trainable(args, config, params, lora), lora), description)
+    if progress is None:
+        return 0
+    backend = _final_backend(args, config, lora, device)
+    test = [entries[i] for i in test_idx][: args.test_limit]
+    prompts = [encoder.encode(format_prompt(e) + "\n\n### Response:\n") for e in test]
+    responses = _greedy_all(backend, prompts, args.max_new_tokens, encoder, "test responses")
+    records = [{**e, "model_response": r.strip()} for e, r in zip(test, responses, strict=True)]
+    _write_json(Path(args.out) / "test_responses.json", records)
+    val_loss = progress.history[-1].get("val_loss") if progress.history else None
+    metrics = {"rouge_l": rouge_l([r["model_response"] for r in records], [r["output"] for r in records]),
+               "val_loss": val_loss, "n_test": len(records), "steps": progress.step,
+               "train_seconds": round(progress.elapsed, 1)}
+    _write_json(Path(args.out) / "metrics.json", metrics)
+    print(f"ROUGE-L {metrics['rouge_l']:.4f} over {len(records)} test responses, validation loss {val_loss:.3f}; "
+          f"responses in {Path(args.out) / 'test_responses.json'}")
+    return 0
+
+
+def _greedy_all(backend, prompts: list[list[int]], max_new_tokens: int, encoder, what: str) -> list[str]:
+    """Greedy responses (stop at EOS), with a progress bar; prompts longer than the context get no response."""
+    from tqdm import tqdm
+
+    out = []
+    n_positions = backend.config.n_positions
+    for prompt in tqdm(prompts, desc=what, unit="response", file=sys.stderr):
+        if len(prompt) >= n_positions:
+            out.append("")
+            continue
+        out.append(encoder.decode(backend.greedy(prompt, max_new_tokens, 50256)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reason
+
+
+def run_reason(args: argparse.Namespace) -> int:
+    from gpt2_cli.common import load_tokenizer_for
+    from tasks import training
+    from tasks.batch import epoch_order
+    from tasks.finetune import ExampleData
+    from tasks.reason import fit_to_context, format_reason_prompt, read_am, read_gsm8k
+
+    first = Path(args.data).read_text(encoding="utf-8").lstrip()[:2000] if Path(args.data).is_file() else ""
+    examples = read_am(args.data) if '"messages"' in first.split("\n", 1)[0] else read_gsm8k(args.data, strict=False)
+    if len(examples) < 2:
+        raise ValueError(f"{args.data}: {len(examples)} usable sample(s); need at least 2 (train and validation)")
+    encoder = load_tokenizer_for(args.tokenizer)
+    config, params, init, lora, device = _setup(args)
+    limit = min(args.max_length or config.n_positions, config.n_positions)
+    fitted, n_short, n_dropped = fit_to_context(examples, encoder, limit)
+    if len(fitted) < 2:
+        raise ValueError(f"only {len(fitted)} sample(s) fit in {limit} tokens ({n_dropped} dropped)")
+    order = epoch_order(len(fitted), 1, 0, args.seed)
+    n_val = max(1, len(fitted) // 10)
+    val = [fitted[int(i[0])] for i in order[:n_val]]
+    train = [fitted[int(i[0])] for i in order[n_val:]]
+    data = ExampleData(train, val, args.mask_prompt, None)
+    run_args = training.RunArgs(**common_run_args(
+        args, config, init, [args.data], _sha256(args.data), device, context=limit, stride=0, val_fraction=0.1,
+        sample_prompt=format_reason_prompt(examples[0].question), sample_tokens=48, task="reason",
+        options=_options(args, lora, mask_prompt=args.mask_prompt)))
+    description = (f"{len(examples)} samples ({len(examples.skipped_lines)} unusable lines skipped): {len(train)} "
+                   f"train / {len(val)} val; {n_short} with shortened thinking, {n_dropped} dropped (context "
+                   f"{limit})")
+    progress = execute("finetune reason", args, run_args, data, encoder, config, params,
+                       backend_factory(args, device, _trainable(args, config, params, lora), lora), description)
+    if progress is not None:
+        val_loss = progress.history[-1].get("val_loss") if progress.history else None
+        _write_json(Path(args.out) / "metrics.json", {"val_loss": val_loss, "steps": progress.step,
+                                                      "train_seconds": round(progress.elapsed, 1),
+                                                      "n_shortened": n_short, "n_dropped": n_dropped})
+        print(f"validation loss {val_loss:.3f}; evaluate with `gpt2 eval gsm8k --weights {args.out} --data "
+              "data/gsm8k/test.jsonl --limit 50`")
+    return 0
