@@ -13,7 +13,7 @@ from gpt2_cli.common import positive_int
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a benchmark (gsm8k)",
                        description="Benchmarks with a real metric.")
-    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="gsm8k")
     g = benches.add_parser(
         "gsm8k", help="GSM8K exact-match accuracy",
         description="Greedy answers to GSM8K questions in the reasoning format (question, <think>, <answer>); "

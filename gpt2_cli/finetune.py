@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune: spam classifier, instruction following, reasoning",
                        description="The course's fine-tunes, each through the training loop of `gpt2 train` "
                        "(same checkpoints, --resume, Ctrl-C, log.jsonl and loss.png).")
-    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", help="classify, instruct or reason")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     c = tasks.add_parser("classify", formatter_class=fmt, help="a classifier head on the last non-padding token",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lora", help="LoRA adapters: merge them into a plain checkpoint")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="merge")
     m = actions.add_parser(
         "merge", help="write W + (alpha/r) A B as a plain GPT-2 checkpoint",
         description="Read a LoRA run (a gpt2 finetune folder or its checkpoint/ folder, which holds the base "

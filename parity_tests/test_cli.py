@@ -109,9 +109,13 @@ def test_version_and_every_option_documented(capsys):
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(subcommands) >= {"parity", "generate", "convert", "gradcheck"}
-    for name, sub in subcommands.items():
+    pending = list(subcommands.items())
+    while pending:  # nested commands too (gpt2 finetune classify, gpt2 eval gsm8k, gpt2 lora merge)
+        name, sub = pending.pop()
         for action in sub._actions:
             assert action.help, f"gpt2 {name} {action.option_strings or action.dest} has no description"
+            if isinstance(action, argparse._SubParsersAction):
+                pending += [(f"{name} {k}", v) for k, v in action.choices.items()]
 
 
 def one_line_error(capsys) -> str:
