@@ -271,10 +271,9 @@ def run_reason(args: argparse.Namespace) -> int:
     from tasks import training
     from tasks.batch import epoch_order
     from tasks.finetune import ExampleData
-    from tasks.reason import fit_to_context, format_reason_prompt, read_am, read_gsm8k
+    from tasks.reason import fit_to_context, format_reason_prompt, read_reasoning
 
-    first = Path(args.data).read_text(encoding="utf-8").lstrip()[:2000] if Path(args.data).is_file() else ""
-    examples = read_am(args.data) if '"messages"' in first.split("\n", 1)[0] else read_gsm8k(args.data, strict=False)
+    examples = read_reasoning(args.data)
     if len(examples) < 2:
         raise ValueError(f"{args.data}: {len(examples)} usable sample(s); need at least 2 (train and validation)")
     encoder = load_tokenizer_for(args.tokenizer)

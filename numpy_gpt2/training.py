@@ -34,9 +34,18 @@ class NumpyBackend:
         self.lora = lora
         self._params = {k: np.ascontiguousarray(v).copy() for k, v in params.items()}
         self.trainable = sorted(self._params) if trainable is None else sorted(trainable)
-        updated = {k: self._params[k] for k in self.trainable}  # the same arrays: AdamW updates them in place
-        self.optimizer = FastAdamW(updated, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay)
+        self._adamw = dict(betas=betas, eps=eps, weight_decay=weight_decay, decay=decay)
+        self._optimizer: FastAdamW | None = None
         self.fast = fast
+
+    @property
+    def optimizer(self) -> FastAdamW:
+        """AdamW over the trained parameters, made on first use: a backend used only for inference (``gpt2
+        classify``, ``gpt2 eval``) never allocates its two moments per parameter."""
+        if self._optimizer is None:
+            updated = {k: self._params[k] for k in self.trainable}  # the same arrays: updated in place
+            self._optimizer = FastAdamW(updated, lr=0.0, **self._adamw)
+        return self._optimizer
 
     def _loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by step(), once

@@ -33,35 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.text import encode_plain, read_utf8
+
 PAD_ID = 50256  # <|endoftext|>, GPT-2's only special token, used as padding
-
-
-def read_utf8(path: str | Path, what: str = "data file") -> str:
-    """The text of ``path``; ``ValueError`` if it is missing, not a file, not UTF-8 or holds only whitespace.
-
-    A UTF-8 byte-order mark is dropped, ``\\r\\n`` line ends become ``\\n``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}, line {line})") from None
-    if not text.strip():
-        raise ValueError(f"{what} {path} is empty")
-    return text.replace("\r\n", "\n")
-
-
-def encode_plain(encoder, text: str, where: str) -> list[int]:
-    """``encoder.encode(text)`` with no special tokens allowed: ``<|endoftext|>`` written in the data is refused
-    with a ``ValueError`` naming ``where`` (e.g. "file.tsv line 3"), never turned into the end-of-text id."""
-    try:
-        return list(encoder.encode(text, allowed_special=set()))
-    except ValueError as e:
-        raise ValueError(f"{where}: the text cannot be encoded ({str(e).splitlines()[0]})") from None
 
 
 def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:

@@ -24,29 +24,12 @@ from tasks.instruct import collate
 TRAINABLE = ("last-block", "all", "lora")
 
 
-@dataclass(frozen=True)
-class ExampleData:
-    """Training and validation examples of a language-modelling fine-tune."""
-
-    train: Sequence[tuple[list[int], int]]
-    val: Sequence[tuple[list[int], int]]
-    mask_prompt: bool
-    max_length: int | None = None
+class _TrainVal:
+    """Ordering shared by the fine-tune data sets: ``self.train`` and ``self.val`` support ``len``."""
 
     @property
     def n_train(self) -> int:
         return len(self.train)
-
-    def _batch(self, examples: Sequence[tuple[list[int], int]], indices: np.ndarray) -> Batch:
-        inputs, targets = collate([examples[i] for i in indices], mask_prompt=self.mask_prompt,
-                                  max_length=self.max_length)
-        return Batch(inputs, targets)
-
-    def train_batch(self, indices: np.ndarray) -> Batch:
-        return self._batch(self.train, indices)
-
-    def val_batch(self, indices: np.ndarray) -> Batch:
-        return self._batch(self.val, indices)
 
     def train_batches(self, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
         return epoch_order(len(self.train), batch_size, epoch, seed)
@@ -59,15 +42,32 @@ class ExampleData:
 
 
 @dataclass(frozen=True)
-class ClassifyData:
+class ExampleData(_TrainVal):
+    """Training and validation examples of a language-modelling fine-tune."""
+
+    train: Sequence[tuple[list[int], int]]
+    val: Sequence[tuple[list[int], int]]
+    mask_prompt: bool
+    max_length: int | None = None
+
+    def _batch(self, examples: Sequence[tuple[list[int], int]], indices: np.ndarray) -> Batch:
+        inputs, targets = collate([examples[i] for i in indices], mask_prompt=self.mask_prompt,
+                                  max_length=self.max_length)
+        return Batch(inputs, targets)
+
+    def train_batch(self, indices: np.ndarray) -> Batch:
+        return self._batch(self.train, indices)
+
+    def val_batch(self, indices: np.ndarray) -> Batch:
+        return self._batch(self.val, indices)
+
+
+@dataclass(frozen=True)
+class ClassifyData(_TrainVal):
     """Training and validation rows of a classification fine-tune (``tasks.classify.Split``s)."""
 
     train: Split
     val: Split
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train)
 
     @staticmethod
     def rows(split: Split, indices: np.ndarray) -> Batch:
@@ -81,15 +81,6 @@ class ClassifyData:
 
     def val_batch(self, indices: np.ndarray) -> Batch:
         return self.rows(self.val, indices)
-
-    def train_batches(self, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
-        return epoch_order(len(self.train), batch_size, epoch, seed)
-
-    def val_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-        return in_order(len(self.val), batch_size, limit)
-
-    def save_cache(self) -> None:
-        """Nothing is cached."""
 
 
 def trainable_names(names: Sequence[str], n_layer: int, mode: str) -> set[str]:

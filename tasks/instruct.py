@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from mapper.tokens import IGNORE_INDEX
-from tasks.classify import PAD_ID, encode_plain, read_utf8
+from tasks.classify import PAD_ID
+from tasks.text import encode_plain, read_utf8
 
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")

@@ -46,7 +46,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
-from tasks.classify import encode_plain, read_utf8
+from tasks.text import encode_plain, read_utf8
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -137,6 +137,18 @@ def read_gsm8k(path: str | Path, strict: bool = True) -> Examples:
     if not examples:
         raise ValueError(f"{path} holds no usable GSM8K records")
     return Examples(examples, skipped)
+
+
+def read_reasoning(path: str | Path) -> Examples:
+    """The samples of an AM-DeepSeek-R1-distilled file (first record has ``messages``) or a GSM8K file (records
+    without a final ``#### N`` are skipped and listed in ``skipped_lines``)."""
+    first = next((line for line in read_utf8(path).split("\n") if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        record = None  # read_gsm8k names the line
+    is_am = isinstance(record, Mapping) and "messages" in record
+    return read_am(path) if is_am else read_gsm8k(path, strict=False)
 
 
 def _between(text: str, open_tag: str, close_tag: str) -> str | None:

@@ -27,25 +27,41 @@ from tasks.batch import Batch, epoch_order, in_order
 EOT = "<|endoftext|>"
 
 
+def read_utf8(path: str | Path, what: str = "data file", normalize: bool = True) -> str:
+    """The text of ``path``; ``ValueError`` if it is missing, not a file, not UTF-8 or holds only whitespace.
+
+    With ``normalize`` a UTF-8 byte-order mark is dropped and ``\\r\\n`` line ends become ``\\n`` (the fine-tunes'
+    record files); without it the text is exactly the file's (pretraining text, tokenized as it is).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig" if normalize else "utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}, line {line}: "
+                         f"{raw[e.start:e.start + 4]!r})") from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty")
+    return text.replace("\r\n", "\n") if normalize else text
+
+
+def encode_plain(encoder, text: str, where: str) -> list[int]:
+    """``encoder.encode(text)`` with no special tokens allowed: ``<|endoftext|>`` written in the data is refused
+    with a ``ValueError`` naming ``where`` (e.g. "file.tsv line 3"), never turned into the end-of-text id."""
+    try:
+        return list(encoder.encode(text, allowed_special=set()))
+    except ValueError as e:
+        raise ValueError(f"{where}: the text cannot be encoded ({str(e).splitlines()[0]})") from None
+
+
 def read_texts(paths: Sequence[str | Path]) -> str:
     """The files' text, joined with ``<|endoftext|>``. Raises ``ValueError`` naming the file for bad input."""
     if not paths:
         raise ValueError("no data files given")
-    texts = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ValueError(f"data file {path} does not exist" if not path.exists() else f"{path} is not a file")
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ValueError(f"data file {path} is not UTF-8 text (byte {e.start}, line {line}: "
-                             f"{raw[e.start:e.start + 4]!r})") from None
-        if not text.strip():
-            raise ValueError(f"data file {path} is empty")
-        texts.append(text)
-    return EOT.join(texts)
+    return EOT.join(read_utf8(path, normalize=False) for path in paths)
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

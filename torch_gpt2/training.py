@@ -52,6 +52,7 @@ class TorchBackend:
         self.model = GPT2.from_params(np_params, config, attention, device=device,
                                       autocast_dtype=AUTOCAST[autocast] if autocast else None, compile=compile,
                                       lora=lora)
+        self.trainable = None if trainable is None else set(trainable)  # canonical names; None: all
         if trainable is not None:  # the fused layout's module names are the canonical names
             named = dict(self.model.named_parameters())
             missing = sorted(set(trainable) - set(named))
@@ -141,10 +142,9 @@ class TorchBackend:
         names = {id(p): name for name, p in self.model.named_parameters()}
         m = {name: np.zeros(p.shape, dtype=self._np_dtype) for name, p in self.model.named_parameters()}
         v = {name: np.zeros(p.shape, dtype=self._np_dtype) for name, p in self.model.named_parameters()}
-        steps, trained = set(), set()
+        steps = set()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                trained.add(names[id(p)])
                 state = self.optimizer.state.get(p)
                 if not state:  # no step taken yet
                     steps.add(0)
@@ -155,13 +155,9 @@ class TorchBackend:
         if len(steps) != 1:
             raise RuntimeError(f"AdamW's parameters disagree on the step count: {sorted(steps)}")
         out = {"t": np.array([steps.pop()], dtype=np.float64)}
-        # which canonical tensors are trained: map an indicator (1 where trained) through the same layout change
-        indicator = {name: np.full(p.shape, float(name in trained)) for name, p in self.model.named_parameters()}
-        canonical_trained = {k for k, a in from_module_state(indicator, self.config, self.model.attention,
-                                                             self.lora).items() if a.any()}
         for prefix, state in (("m.", m), ("v.", v)):
             canonical = from_module_state(state, self.config, self.model.attention, self.lora)
-            out.update({prefix + k: a for k, a in canonical.items() if k in canonical_trained})
+            out.update({prefix + k: a for k, a in canonical.items() if self.trainable is None or k in self.trainable})
         return out
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
