@@ -39,6 +39,7 @@ from numpy_gpt2.ops import (
     softmax_cross_entropy_forward,
     split_heads,
 )
+from numpy_gpt2.ops import check_no_kv_cache
 from numpy_gpt2.optim import AdamW
 
 __all__ = [
@@ -109,12 +110,13 @@ def attention_forward(
         att *= 1.0 / att.sum(axis=-1, keepdims=True)  # softmax in place
         np.matmul(att, v[:, :, :n_keys], out=y_heads[:, :, s:e])
         blocks.append((s, e, att))
-    return y.reshape(B, T, C), (q_scaled, k, v, blocks, n_head)
+    return y.reshape(B, T, C), (q_scaled, k, v, blocks, kv_cache is not None)
 
 
 def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
-    """As ``ops.attention_backward`` (calls without a KV cache)."""
-    q_scaled, k, v, blocks, n_head = cache
+    """As ``ops.attention_backward`` (only after a forward without a KV cache)."""
+    q_scaled, k, v, blocks, used_kv_cache = cache
+    check_no_kv_cache(used_kv_cache)
     B, NH, T, hs = q_scaled.shape
     dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B,NH,T,hs] views

@@ -267,7 +267,7 @@ def loss_and_grads(
     logits, caches = model_forward(params, config, tokens, keep_caches=True, fast=fast, lora=lora)
     mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, targets)
     del logits  # the loss cache keeps what the backward needs
-    dlogits = k.softmax_cross_entropy_backward(cache_loss)
+    dlogits, _ = k.softmax_cross_entropy_backward(1.0, cache_loss)
     return mean_loss, model_backward(dlogits, caches, params, config, fast)
 
 
@@ -368,5 +368,5 @@ def classify_loss_and_grads(
     k = kernels(fast)
     logits, caches = classifier_forward(params, config, tokens, lengths, keep_caches=True, fast=fast, lora=lora)
     mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, labels)  # logits [B,n_classes], labels [B]
-    dlogits = k.softmax_cross_entropy_backward(cache_loss)  # [B,n_classes]
+    dlogits, _ = k.softmax_cross_entropy_backward(1.0, cache_loss)  # [B,n_classes]
     return mean_loss, classifier_backward(dlogits, caches, params, config, fast)

@@ -74,8 +74,14 @@ def layernorm_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple[
     dw = (dy * xhat).reshape(-1, C).sum(axis=0)  # [C] summed over every row
     db = dy.reshape(-1, C).sum(axis=0)  # [C]
     dxhat = dy * w  # [...,C]
-    # xhat = (x - mean) * rstd, where mean and rstd are functions of x too; differentiating through both:
-    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    # xhat = (x - mean) * rstd, and mean and rstd are functions of x too: dx has three terms
+    # (derived step by step in docs/derivations.md#layernorm):
+    #   term 1, x's own entry:      rstd * dxhat
+    #   term 2, through the mean:   - rstd * mean_j(dxhat_j)
+    #   term 3, through the rstd:   - rstd * xhat * mean_j(dxhat_j * xhat_j)
+    dxhat_mean = dxhat.mean(axis=-1, keepdims=True)  # [...,1]
+    dxhat_xhat_mean = (dxhat * xhat).mean(axis=-1, keepdims=True)  # [...,1]
+    dx = rstd * (dxhat - dxhat_mean - xhat * dxhat_xhat_mean)  # [...,C] term 1 + term 2 + term 3
     return dx, (dw, db)
 
 
@@ -257,12 +263,21 @@ def attention_forward(
     exp_scores = np.exp(scores - scores.max(axis=-1, keepdims=True))  # softmax, shifted for stability
     att = exp_scores / exp_scores.sum(axis=-1, keepdims=True)  # [B,NH,T,P+T] each row sums to 1
     y = att @ v  # [B,NH,T,P+T] @ [B,NH,P+T,hs] -> [B,NH,T,hs]
-    return merge_heads(y), (q, k, v, att)
+    return merge_heads(y), (q, k, v, att, kv_cache is not None)
+
+
+def check_no_kv_cache(used_kv_cache: bool) -> None:
+    """Refuse a backward through a forward that read a KV cache: its keys and values are partly the cache's,
+    which this backward cannot differentiate (decoding has no backward; training runs without a cache)."""
+    if used_kv_cache:
+        raise ValueError("attention_backward: the forward used a KV cache, so the gradient of the cached keys and "
+                         "values is not defined here; run the forward without kv_cache to train")
 
 
 def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
-    """dy [B, T, C] -> (dqkv [B, T, 3C], ()). For calls without a KV cache."""
-    q, k, v, att = cache
+    """dy [B, T, C] -> (dqkv [B, T, 3C], ()). Only after a forward without a KV cache (refused otherwise)."""
+    q, k, v, att, used_kv_cache = cache
+    check_no_kv_cache(used_kv_cache)
     hs = q.shape[-1]
     dy_heads = split_heads(dy, q.shape[1])  # [B,NH,T,hs]
     # y = att @ v
@@ -323,12 +338,13 @@ def softmax_cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> tu
     return float(loss), (probs, t, kept, logits.shape)
 
 
-def softmax_cross_entropy_backward(cache: tuple, dloss: float = 1.0) -> np.ndarray:
-    """-> dlogits [B, T, V] = dloss * (softmax - onehot(target)) / N on the kept rows, 0 on ignored rows."""
+def softmax_cross_entropy_backward(dloss: float, cache: tuple) -> tuple[np.ndarray, tuple]:
+    """dloss (1.0 for the loss itself) -> (dlogits [B, T, V], ()):
+    dlogits = dloss * (softmax - onehot(target)) / N on the kept rows, 0 on ignored rows."""
     probs, t, kept, shape = cache
     # loss = (1/N) sum over kept rows of -log softmax(z)[t]
     dz = np.zeros_like(probs)  # [N_all,V]; ignored rows stay 0
     dz[kept] = probs[kept]  # softmax(z)
     dz[kept, t[kept]] -= 1.0  # - onehot(t)
     dz *= dloss / kept.size  # the 1/N of the mean (N = number of kept targets)
-    return dz.reshape(shape)
+    return dz.reshape(shape), ()

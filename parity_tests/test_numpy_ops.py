@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mapper.parity import FINITE_DIFFERENCES, scaled_error
-from numpy_gpt2 import ops
+from numpy_gpt2 import fast, ops
 from numpy_gpt2.gradcheck import numeric_gradient
 
 batch = st.integers(1, 3)
@@ -135,6 +135,18 @@ def test_attention_with_kv_cache_equals_full(B, T, n_head, hs, split, seed):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("kernels", ["spec", "fast"])
+@pytest.mark.parametrize("pos0", [0, 2])
+def test_attention_backward_refuses_a_forward_that_used_a_kv_cache(kernels, pos0):
+    """Its gradient would miss the cached keys' share: refused, for a prefill (pos0 = 0) as for a continuation."""
+    module = ops if kernels == "spec" else fast
+    qkv = np.random.default_rng(0).standard_normal((1, 3, 6))
+    cache = (np.zeros((1, 2, 5, 1)), np.zeros((1, 2, 5, 1)))
+    _, att_cache = module.attention_forward(qkv, 2, cache, pos0=pos0)
+    with pytest.raises(ValueError, match="the forward used a KV cache"):
+        module.attention_backward(np.ones((1, 3, 2)), att_cache)
+
+
 @given(B=batch, T=time, V=st.integers(1, 6), C=st.integers(1, 5), pos0=st.integers(0, 3), seed=seeds)
 def test_embedding_repeated_ids(B, T, V, C, pos0, seed):
     rng = np.random.default_rng(seed)
@@ -185,7 +197,7 @@ def test_softmax_cross_entropy(B, T, V, n_ignored, scale, seed):
     z = logits.reshape(-1, V)[keep]
     logp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
     assert loss == pytest.approx(-logp[np.arange(len(z)), flat[keep]].mean(), rel=1e-13, abs=1e-13)
-    dlogits = ops.softmax_cross_entropy_backward(cache)
+    dlogits, _ = ops.softmax_cross_entropy_backward(1.0, cache)
     assert np.all(dlogits.reshape(-1, V)[~keep] == 0.0)
     assert_grad_matches(f, logits, dlogits)
 
