@@ -86,8 +86,8 @@ def unavailable_reason(spec: BackendSpec) -> str | None:
     return None
 
 
-class Backend:
-    """One model of one implementation, with the three workloads."""
+class BenchModel:
+    """One model of one implementation (a ``BackendSpec``), with the three workloads."""
 
     def __init__(self, spec: BackendSpec, config: GPT2Config, params: dict[str, np.ndarray]) -> None:
         self.spec, self.config = spec, config
@@ -159,14 +159,13 @@ class Backend:
     def train_fn(self, tokens: np.ndarray, targets: np.ndarray) -> Callable[[], object]:
         x, y = self.inputs(tokens, targets)
         if self.spec.family == "numpy":
-            import numpy_gpt2
-            from numpy_gpt2.fast import FastAdamW
+            from mapper.training import Batch
+            from numpy_gpt2.backend import NumpyBackend
 
-            if self._train_state is None:
-                own = {k: v.copy() for k, v in self.params.items()}
-                optimizer = FastAdamW(own, lr=LR, weight_decay=WEIGHT_DECAY)
-                self._train_state = numpy_gpt2.Trainer(own, self.config, optimizer, fast=True)
-            return lambda: self._train_state.step(x, y)
+            if self._train_state is None:  # the path `gpt2 train --backend numpy` runs, on its own copy
+                self._train_state = NumpyBackend(self.config, self.params, WEIGHT_DECAY, "matrices")
+            batch = [Batch(x, y)]
+            return lambda: self._train_state.step(batch, lr=LR, grad_clip=None)
         torch = self.torch
         if self.spec.family == "torch":
             from torch_gpt2 import configure_adamw, train_step

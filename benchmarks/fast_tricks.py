@@ -17,7 +17,9 @@ import numpy as np
 import numpy_gpt2
 from benchmarks.common import timed
 from mapper import GPT2Config, init_params
+from mapper.training import Batch
 from numpy_gpt2 import fast, ops
+from numpy_gpt2.backend import NumpyBackend
 
 
 def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -46,7 +48,7 @@ def time_adamw(params: dict[str, np.ndarray], repeats: int, rng: np.random.Gener
     spec_params = {k: v.copy() for k, v in params.items()}
     fast_params = {k: v.copy() for k, v in params.items()}
     spec_opt = numpy_gpt2.AdamW(spec_params, lr=1e-5, weight_decay=0.1)
-    fast_opt = fast.FastAdamW(fast_params, lr=1e-5, weight_decay=0.1)
+    fast_opt = numpy_gpt2.FastAdamW(fast_params, lr=1e-5, weight_decay=0.1)
     return alternate(lambda: spec_opt.step(spec_params, grads), lambda: fast_opt.step(fast_params, grads), repeats)
 
 
@@ -60,10 +62,11 @@ def run(preset: str, repeats: int) -> dict:
     # whole workloads on the fast path, to express each gain as a share of them
     tokens = rng.integers(0, V, (1, min(1024, config.n_positions)))
     data = rng.integers(0, V, (4, 65))
-    trainer = numpy_gpt2.Trainer(params, config, fast.FastAdamW(params, lr=1e-5, weight_decay=0.1), fast=True)
+    trainer = NumpyBackend(config, params, 0.1, "matrices")  # the path `gpt2 train --backend numpy` runs
+    batch = [Batch(data[:, :-1], data[:, 1:])]
     workloads = {
         "forward B=1 T=1024": (lambda: numpy_gpt2.forward(params, config, tokens, fast=True), tokens.shape, False),
-        "train step B=4 T=64": (lambda: trainer.step(data[:, :-1], data[:, 1:]), (4, 64), True),
+        "train step B=4 T=64": (lambda: trainer.step(batch, lr=1e-5, grad_clip=None), (4, 64), True),
     }
     results: dict = {}
     for name, (work, (B, T), backward) in workloads.items():

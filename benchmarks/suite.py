@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import limits
-from benchmarks.backends import ALL_BACKENDS, GROUPS, Backend, BackendSpec, unavailable_reason
+from benchmarks.backends import ALL_BACKENDS, GROUPS, BackendSpec, BenchModel, unavailable_reason
 from benchmarks.common import (
     HeapPeak,
     decode_weight_bytes,
@@ -164,7 +164,7 @@ class Runner:
         self.progress = progress or (lambda n: None)
         self.heap = HeapPeak()
 
-    def run_point(self, point: Point, backends: list[Backend], cpu_limit_scale: float) -> list[dict]:
+    def run_point(self, point: Point, backends: list[BenchModel], cpu_limit_scale: float) -> list[dict]:
         config = backends[0].config
         rng = np.random.default_rng(self.settings.seed)
         if point.workload == "decode":
@@ -198,7 +198,7 @@ class Runner:
         return [self._row(point, config, name, times[name], memory[name], cpu_limit) for name in names]
 
 
-    def _workload(self, backend: Backend, point: Point, data: np.ndarray) -> Callable[[], float]:
+    def _workload(self, backend: BenchModel, point: Point, data: np.ndarray) -> Callable[[], float]:
         """A callable returning the seconds of one measured unit (one call; a decode's per-token time)."""
         if point.workload == "forward":
             fn = backend.forward_fn(data[:, :-1])
@@ -209,7 +209,7 @@ class Runner:
         decode = backend.decode_fn(data)
         return lambda: decode(point.new_tokens)  # seconds per cached one-token step, the prefill untimed
 
-    def _peak_memory(self, backend: Backend, fn: Callable[[], float]) -> float | None:
+    def _peak_memory(self, backend: BenchModel, fn: Callable[[], float]) -> float | None:
         """One untimed call; returns its peak memory in MiB (CPU: C-heap peak above the start; CUDA: allocated)."""
         if backend.spec.device == "cuda":
             torch = backend.torch
@@ -357,7 +357,7 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
             config = settings.model_config(size)
             params = init_params(config, seed=settings.seed, dtype=np.float32)
             bar.set_postfix_str(f"building {size} models on {device}")
-            backends = [Backend(spec, config, params) for spec in on_device]
+            backends = [BenchModel(spec, config, params) for spec in on_device]
             for point in points:
                 bar.set_postfix_str(point.label)
                 report.results += runner.run_point(point, backends, cpu_scale if device == "cpu" else 1.0)

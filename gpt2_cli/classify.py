@@ -21,23 +21,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from gpt2_cli.common import load_tokenizer_for
+    from gpt2_cli.common import inference_backend, load_tokenizer_for
     from mapper import load_checkpoint
-    from tasks.batch import Batch
+    from mapper.training import Batch
 
     config, params = load_checkpoint(args.weights)
     if config.n_classes is None:
         raise ValueError(f"{args.weights} holds a language model, not a classifier (no score.weight)")
     names = _class_names(Path(args.weights), config.n_classes)
     encoder = load_tokenizer_for(args.tokenizer)
-    if args.backend == "numpy":
-        from numpy_gpt2.training import NumpyBackend
-
-        backend = NumpyBackend(config, params, 0.0, "matrices")
-    else:
-        from torch_gpt2.training import TorchBackend
-
-        backend = TorchBackend(config, params, 0.0, "matrices", device="cpu")
+    backend = inference_backend(args.backend, config, params, device="cpu")
     for text in args.texts:
         ids = encoder.encode(text)[: config.n_positions]
         if not ids:

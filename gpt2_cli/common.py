@@ -42,22 +42,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def load_model_params(
-    weights: str | None, preset: str | None, config_spec: str | None, dtype: str, seed: int
-) -> tuple[GPT2Config, dict[str, np.ndarray], str]:
-    """(config, params, description): a checkpoint, or GPT-2's seeded init of a preset / config (default gpt2)."""
-    from mapper import init_params, load_checkpoint
+def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.ndarray], device: str | None = None):
+    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train."""
+    if backend == "numpy":
+        from numpy_gpt2.backend import NumpyBackend
 
-    if weights:
-        if preset or config_spec:
-            raise ValueError("give either --weights or --preset/--config, not both")
-        config, params = load_checkpoint(weights)
-        return config, {k: v.astype(dtype, copy=False) for k, v in params.items()}, f"weights {weights}"
-    spec_is_file = bool(config_spec) and Path(config_spec).is_file()
-    preset = preset or (None if spec_is_file else "gpt2")  # overrides apply to the 124M shape by default
-    config = GPT2Config.from_spec(preset, config_spec)
-    name = " + ".join(part for part in (preset, config_spec) if part)
-    return config, init_params(config, seed, dtype), f"{name} shape, GPT-2 init (seed {seed}), no download"
+        return NumpyBackend.for_inference(config, params)
+    from torch_gpt2 import resolve_device
+    from torch_gpt2.backend import TorchBackend
+
+    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)))
 
 
 def load_tokenizer_for(flag_value: str | None):
@@ -70,12 +64,6 @@ def load_tokenizer_for(flag_value: str | None):
         if flag_value:
             raise TokenizerError(f"--tokenizer {flag_value}: {e}") from None
         raise TokenizerError(f"{e}; pass --tokenizer PATH") from None
-
-
-def check_fits_context(flag: str, value: int, config: GPT2Config) -> None:
-    """Refuse (never silently cut) a length that exceeds the model's context."""
-    if value > config.n_positions:
-        raise ValueError(f"{flag} {value} exceeds the model's context of {config.n_positions} positions")
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mapper.checkpoint import atomic_write
+    from mapper.atomic import atomic_write
     from tasks.reason import read_gsm8k, read_predictions, score_gsm8k
 
     data = read_gsm8k(args.data, strict=False)
@@ -65,22 +65,14 @@ def run(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace, data) -> list[dict]:
     """Greedy responses of the model in --weights to each question, stopping at EOS."""
-    from gpt2_cli.common import load_tokenizer_for
-    from gpt2_cli.finetune import _greedy_all
+    from gpt2_cli.common import inference_backend, load_tokenizer_for
     from mapper import load_checkpoint
+    from tasks.inference import greedy_all
     from tasks.reason import format_reason_prompt
 
     config, params = load_checkpoint(args.weights)
     encoder = load_tokenizer_for(args.tokenizer)
-    if args.backend == "numpy":
-        from numpy_gpt2.training import NumpyBackend
-
-        backend = NumpyBackend(config, params, 0.0, "matrices")
-    else:
-        from torch_gpt2 import resolve_device
-        from torch_gpt2.training import TorchBackend
-
-        backend = TorchBackend(config, params, 0.0, "matrices", device=str(resolve_device(args.device)))
+    backend = inference_backend(args.backend, config, params, args.device)
     prompts = [encoder.encode(format_reason_prompt(e.question)) for e in data]
-    responses = _greedy_all(backend, prompts, args.max_new_tokens, encoder, "gsm8k")
+    responses = greedy_all(backend, prompts, args.max_new_tokens, encoder, "gsm8k")
     return [{"index": e.index, "response": "<think>\n" + r} for e, r in zip(data, responses, strict=True)]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,9 @@ from gpt2_cli.train import (
     model_config,
     resolve_run_device,
 )
+from mapper.schema import param_shapes
+from mapper.tokens import check_fits_context
+from mapper.training import distributed_world
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,10 +91,10 @@ def _setup(args: argparse.Namespace, n_classes: int | None = None):
     """Checks, device, config and initial params (with a fresh head and LoRA adapters where asked)."""
     from mapper import init_params
     from mapper.lora import LoraConfig, init_lora_params
-    from tasks import training
+    from tasks.run_folder import check_out_dir
 
     check_args(args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if distributed_world()[1] > 1:
         raise ValueError("fine-tunes run in one process (torchrun is for gpt2 train)")
     lora = None
     if args.lora_rank is not None:
@@ -102,12 +103,12 @@ def _setup(args: argparse.Namespace, n_classes: int | None = None):
         raise ValueError("--trainable lora needs --lora-rank")
     device = resolve_run_device(args)
     out = Path(args.out)
-    training.check_out_dir(out, args.resume)
+    check_out_dir(out, args.resume)
     config, params, init = model_config(args)
     if n_classes is not None:
         config = config.replace(n_classes=n_classes)
-    if args.max_length is not None and args.max_length > config.n_positions:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's {config.n_positions} positions")
+    if args.max_length is not None:
+        check_fits_context("--max-length", args.max_length, config)
     if not args.resume:
         if params is None:
             params = init_params(config, args.seed, args.dtype)
@@ -119,13 +120,10 @@ def _setup(args: argparse.Namespace, n_classes: int | None = None):
     return config, params, init, lora, device
 
 
-def _trainable(args, config, params, lora) -> set[str]:
-    from mapper.lora import lora_param_shapes
-    from mapper.schema import param_shapes
+def _trainable(args, config, lora) -> set[str]:
     from tasks.finetune import trainable_names
 
-    names = list(param_shapes(config)) + (list(lora_param_shapes(config, lora)) if lora is not None else [])
-    return trainable_names(names, config.n_layer, args.trainable)
+    return trainable_names(list(param_shapes(config, lora)), config.n_layer, args.trainable)
 
 
 def _options(args, lora, **extra) -> dict:
@@ -144,14 +142,14 @@ def _sha256(path: str) -> str:
 
 def _final_backend(args, config, lora, device):
     """The trained model of DIR's last checkpoint as a backend, for the final metrics."""
-    from tasks.training import CHECKPOINT, load_run
+    from tasks.run_folder import CHECKPOINT, load_run
 
     config, params, _, _ = load_run(Path(args.out) / CHECKPOINT)
     return backend_factory(args, device, lora=lora)(config, params)
 
 
 def _write_json(path: Path, value) -> None:
-    from mapper.checkpoint import atomic_write
+    from mapper.atomic import atomic_write
 
     atomic_write(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
 
@@ -161,11 +159,11 @@ def _write_json(path: Path, value) -> None:
 
 def run_classify(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
-    from tasks import training
-    from tasks.batch import in_order
     from tasks.classify import prepare_classification
     from tasks.finetune import ClassifyData
+    from tasks.loop import RunArgs
     from tasks.metrics import accuracy, confusion_matrix
+    from tasks.order import in_order
 
     encoder = load_tokenizer_for(args.tokenizer)
     prepared = prepare_classification(args.data, encoder, args.seed, args.max_length)
@@ -174,11 +172,11 @@ def run_classify(args: argparse.Namespace) -> int:
         raise ValueError(f"the longest training text is {prepared.length} tokens, above the model's "
                          f"{config.n_positions} positions; pass --max-length")
     data = ClassifyData(prepared.train, prepared.val)
-    run_args = training.RunArgs(**common_run_args(
+    run_args = RunArgs(**common_run_args(
         args, config, init, [args.data], _sha256(args.data), device, context=prepared.length, stride=0,
         val_fraction=0.1, sample_prompt="", sample_tokens=0, task="classify",
         options=_options(args, lora, class_names=prepared.class_names)))
-    trainable = _trainable(args, config, params, lora)
+    trainable = _trainable(args, config, lora)
     progress = execute("finetune classify", args, run_args, data, encoder, config, params,
                        backend_factory(args, device, trainable, lora), prepared.summary())
     if progress is None:
@@ -210,9 +208,10 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def run_instruct(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
-    from tasks import training
     from tasks.finetune import ExampleData
+    from tasks.inference import greedy_all
     from tasks.instruct import encode_examples, format_prompt, read_instructions, split_instructions
+    from tasks.loop import RunArgs
     from tasks.metrics import rouge_l
 
     entries = read_instructions(args.data)
@@ -223,20 +222,20 @@ def run_instruct(args: argparse.Namespace) -> int:
     examples = encode_examples(entries, encoder)
     data = ExampleData([examples[i] for i in train_idx], [examples[i] for i in val_idx], args.mask_prompt, limit)
     n_cut = sum(len(ids) > limit for ids, _ in examples)
-    run_args = training.RunArgs(**common_run_args(
+    run_args = RunArgs(**common_run_args(
         args, config, init, [args.data], _sha256(args.data), device, context=limit, stride=0, val_fraction=0.05,
         sample_prompt=format_prompt(entries[val_idx[0]]) if len(val_idx) else "", sample_tokens=32,
         task="instruct", options=_options(args, lora, mask_prompt=args.mask_prompt)))
     description = (f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test examples, {n_cut} longer "
                    f"than {limit} tokens truncated")
     progress = execute("finetune instruct", args, run_args, data, encoder, config, params,
-                       backend_factory(args, device, _trainable(args, config, params, lora), lora), description)
+                       backend_factory(args, device, _trainable(args, config, lora), lora), description)
     if progress is None:
         return 0
     backend = _final_backend(args, config, lora, device)
     test = [entries[i] for i in test_idx][: args.test_limit]
     prompts = [encoder.encode(format_prompt(e) + "\n\n### Response:\n") for e in test]
-    responses = _greedy_all(backend, prompts, args.max_new_tokens, encoder, "test responses")
+    responses = greedy_all(backend, prompts, args.max_new_tokens, encoder, "test responses")
     records = [{**e, "model_response": r.strip()} for e, r in zip(test, responses, strict=True)]
     _write_json(Path(args.out) / "test_responses.json", records)
     val_loss = progress.history[-1].get("val_loss") if progress.history else None
@@ -249,28 +248,14 @@ def run_instruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _greedy_all(backend, prompts: list[list[int]], max_new_tokens: int, encoder, what: str) -> list[str]:
-    """Greedy responses (stop at EOS), with a progress bar; prompts longer than the context get no response."""
-    from tqdm import tqdm
-
-    out = []
-    n_positions = backend.config.n_positions
-    for prompt in tqdm(prompts, desc=what, unit="response", file=sys.stderr):
-        if len(prompt) >= n_positions:
-            out.append("")
-            continue
-        out.append(encoder.decode(backend.greedy(prompt, max_new_tokens, 50256)))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- reason
 
 
 def run_reason(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
-    from tasks import training
-    from tasks.batch import epoch_order
     from tasks.finetune import ExampleData
+    from tasks.loop import RunArgs
+    from tasks.order import epoch_order
     from tasks.reason import fit_to_context, format_reason_prompt, read_reasoning
 
     examples = read_reasoning(args.data)
@@ -287,7 +272,7 @@ def run_reason(args: argparse.Namespace) -> int:
     val = [fitted[int(i[0])] for i in order[:n_val]]
     train = [fitted[int(i[0])] for i in order[n_val:]]
     data = ExampleData(train, val, args.mask_prompt, None)
-    run_args = training.RunArgs(**common_run_args(
+    run_args = RunArgs(**common_run_args(
         args, config, init, [args.data], _sha256(args.data), device, context=limit, stride=0, val_fraction=0.1,
         sample_prompt=format_reason_prompt(examples[0].question), sample_tokens=48, task="reason",
         options=_options(args, lora, mask_prompt=args.mask_prompt)))
@@ -295,7 +280,7 @@ def run_reason(args: argparse.Namespace) -> int:
                    f"train / {len(val)} val; {n_short} with shortened thinking, {n_dropped} dropped (context "
                    f"{limit})")
     progress = execute("finetune reason", args, run_args, data, encoder, config, params,
-                       backend_factory(args, device, _trainable(args, config, params, lora), lora), description)
+                       backend_factory(args, device, _trainable(args, config, lora), lora), description)
     if progress is not None:
         val_loss = progress.history[-1].get("val_loss") if progress.history else None
         _write_json(Path(args.out) / "metrics.json", {"val_loss": val_loss, "steps": progress.step,

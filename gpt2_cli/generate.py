@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from gpt2_cli.common import add_model_args, load_model_params, load_tokenizer_for, non_negative_int
+from gpt2_cli.common import add_model_args, load_tokenizer_for, non_negative_int
+from mapper.models import resolve_model
 
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
@@ -45,7 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mapper.config import GPT2_EOS_TOKEN_ID, GPT2_VOCAB_SIZE
     from mapper.sampling import validate_sampling_args
     from mapper.tokens import check_generation
 
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character to continue")
 
-    config, params, origin = load_model_params(args.weights, args.preset, args.config, args.dtype, args.seed or 0)
+    source = resolve_model(args.weights, args.preset, args.config, args.dtype, args.seed or 0)
+    config, params, origin = source.config, source.params, source.description
     if max(prompt) >= config.vocab_size:
         raise ValueError(f"the prompt encodes to id {max(prompt)}, outside this model's vocabulary of "
                          f"{config.vocab_size}: the checkpoint does not use the GPT-2 tokenizer")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if max_new < args.max_new_tokens:
         print(f"note: {max_new} new tokens fit after the {len(prompt)}-token prompt in the context of "
               f"{config.n_positions} (--max-new-tokens {args.max_new_tokens})", file=sys.stderr)
-    eos = None if args.no_eos or config.vocab_size != GPT2_VOCAB_SIZE else GPT2_EOS_TOKEN_ID
+    eos = None if args.no_eos else config.eos_token_id
     check_generation([len(prompt)], max_new, config, eos)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
                     seed=args.seed)
@@ -86,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
         steps = numpy_gpt2.generate_stream(params, config, np.array([prompt]), max_new, fast=True, **sampling)
     else:
-        from torch_gpt2 import GPT2
+        from torch_gpt2 import GPT2, generate_stream
 
         model = GPT2.from_params(params, config, args.attention, device=device)
-        steps = model.generate_stream([prompt], max_new, **sampling)
+        steps = generate_stream(model, [prompt], max_new, **sampling)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 
-from gpt2_cli.common import TINY_DEFAULT, add_model_args, check_fits_context, non_negative_int, positive_int
+from gpt2_cli.common import TINY_DEFAULT, add_model_args, non_negative_int, positive_int
 from mapper.config import GPT2Config
+from mapper.tokens import check_fits_context
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mapper import load_checkpoint, load_lora_adapters, merge_lora, save_checkpoint
-    from tasks.training import CHECKPOINT, LORA_FILE
+    from tasks.run_folder import CHECKPOINT, LORA_FILE
 
     source = Path(args.run)
     if (source / CHECKPOINT / LORA_FILE).is_file():

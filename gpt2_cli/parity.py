@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 
-from gpt2_cli.common import add_model_args, check_fits_context, load_model_params, positive_int
+from gpt2_cli.common import add_model_args, positive_int
+from mapper.models import resolve_model
 from mapper.parity import TOLERANCES, Comparison, ModelOutputs, compare_outputs
+from mapper.tokens import check_fits_context
 
 LAYOUTS = ("custom", "fused")
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch_dtype = torch.float64 if args.dtype == "float64" else torch.float32
     device = resolve_device(args.device, torch_dtype)  # a device torch cannot use fails here, before any work
-    config, params, origin = load_model_params(args.weights, args.preset, args.config, args.dtype, args.seed)
+    source = resolve_model(args.weights, args.preset, args.config, args.dtype, args.seed)
+    config, params, origin = source.config, source.params, source.description
     check_fits_context("--seq", args.seq, config)
     rng = np.random.default_rng(args.seed)
     data = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1))
@@ -68,11 +71,18 @@ def run(args: argparse.Namespace) -> int:
         # float64 takes the written-out attention: SDPA's kernels may reorder sums on some devices
         model = GPT2.from_params(params, config, layout, device=device,
                                  attn_impl="math" if args.dtype == "float64" else "sdpa")
-        got = ModelOutputs(*model.loss_and_grads(tokens, targets))
+        got = ModelOutputs(_torch_logits(model, tokens), *model.loss_and_grads(tokens, targets))
         done(start, got.loss)
         results[layout] = compare_outputs(got, ref, TOLERANCES[args.dtype])
         del model
     return report(results)
+
+
+def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(model.to_device(tokens)).cpu().numpy()
 
 
 def _numpy_outputs(numpy_gpt2, params, config, tokens, targets) -> tuple[np.ndarray, float, dict]:

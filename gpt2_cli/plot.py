@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.training import plot_losses, read_run_log, seconds_per_step
+    from tasks.plots import plot_losses
+    from tasks.runlog import read_run_log, seconds_per_step
 
     labels = args.labels.split(",") if args.labels else [Path(d).name for d in args.runs]
     if len(labels) != len(args.runs):

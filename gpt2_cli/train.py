@@ -1,13 +1,15 @@
-"""``gpt2 train``: pretrain GPT-2 on text files with either backend (the loop itself is ``tasks.training``)."""
+"""``gpt2 train``: pretrain GPT-2 on text files with either backend (the loop itself is ``tasks.loop``)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from gpt2_cli.common import add_model_args, load_tokenizer_for, non_negative_int, positive_int
+from mapper.models import resolve_model
+from mapper.tokens import check_fits_context
+from mapper.training import distributed_world
 
 
 def fraction(text: str) -> float:
@@ -100,28 +102,19 @@ def check_args(args: argparse.Namespace) -> None:
         for flag, value in (("--device", args.device), ("--autocast", args.autocast), ("--compile", args.compile)):
             if value:
                 raise ValueError(f"{flag} is a torch option; the numpy backend runs on the CPU in --dtype")
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if distributed_world()[1] > 1:
             raise ValueError("several processes (torchrun) train only with --backend torch")
     if args.autocast and args.dtype == "float64":
         raise ValueError("--autocast needs --dtype float32")
-    if args.init_from and (args.preset or args.config):
-        raise ValueError("give either --init-from or --preset/--config, not both")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
 
 
 def model_config(args: argparse.Namespace):
-    """(config, params or None, init description); the seeded init waits until every check has passed."""
-    from mapper import load_checkpoint
-    from mapper.config import GPT2Config
-
-    if args.init_from:
-        config, params = load_checkpoint(args.init_from)
-        return config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()}, str(
-            Path(args.init_from).resolve())
-    spec_is_file = bool(args.config) and Path(args.config).is_file()
-    preset = args.preset or (None if spec_is_file else "gpt2")
-    return GPT2Config.from_spec(preset, args.config), None, f"seed {args.seed}"
+    """(config, params or None, init): the seeded init waits until every check has passed."""
+    source = resolve_model(args.init_from, args.preset, args.config, args.dtype, args.seed, materialize=False,
+                           weights_flag="--init-from")
+    return source.config, source.params, source.init
 
 
 def resolve_run_device(args: argparse.Namespace) -> str:
@@ -136,15 +129,15 @@ def resolve_run_device(args: argparse.Namespace) -> str:
 
 
 def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] | None = None, lora=None):
-    """make_backend(config, params) for ``tasks.training.run``."""
+    """make_backend(config, params) for ``tasks.loop.run``."""
 
     def make_backend(config, params):
         if args.backend == "numpy":
-            from numpy_gpt2.training import NumpyBackend
+            from numpy_gpt2.backend import NumpyBackend
 
             return NumpyBackend(config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()},
                                 args.weight_decay, args.decay, trainable=trainable, lora=lora)
-        from torch_gpt2.training import TorchBackend
+        from torch_gpt2.backend import TorchBackend
 
         return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
                             autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora)
@@ -162,32 +155,32 @@ def common_run_args(args: argparse.Namespace, config, init: str, data: list[str]
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, decay=args.decay, grad_clip=args.grad_clip,
         epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, save_every=args.save_every, device=device, autocast=args.autocast, compile=args.compile,
-        world_size=int(os.environ.get("WORLD_SIZE", 1)), **task)
+        world_size=distributed_world()[1], **task)
 
 
 def execute(command: str, args: argparse.Namespace, run_args, data, encoder, config, params, make_backend,
             description: str):
     """Run (or resume) the loop; returns its Progress, or None when it stopped early on purpose."""
-    from tasks import training
+    from tasks import loop
 
     world = run_args.world_size
-    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
-    if training.steps_per_epoch(data, run_args) == 0:
+    say = print if distributed_world()[0] == 0 else (lambda *a, **k: None)
+    if loop.steps_per_epoch(data, run_args) == 0:
         raise ValueError(f"one optimizer step needs {args.grad_accum} batches of {args.batch_size}, but the training "
                          f"set holds {data.n_train}")
-    total = training.planned_steps(data, run_args)
+    total = loop.planned_steps(data, run_args)
     say(f"gpt2 {command}: {args.backend} on {run_args.device}, {config.n_layer} layers x {config.n_embd}, "
         f"{run_args.init}; {description}; {total} steps" + (f" over {world} processes" if world > 1 else ""),
         file=sys.stderr)
     try:
-        progress = training.run(run_args, data, Path(args.out), encoder, config, params, make_backend,
-                                resume=args.resume, stop_after=args.stop_after, show_progress=not args.quiet)
-    except training.Stop as e:
+        progress = loop.run(run_args, data, Path(args.out), encoder, config, params, make_backend,
+                            resume=args.resume, stop_after=args.stop_after, show_progress=not args.quiet)
+    except loop.Stop as e:
         say(f"gpt2 {command}: {e}", file=sys.stderr)
         return None
     finally:
         if args.backend == "torch":
-            from torch_gpt2.training import finish
+            from torch_gpt2.backend import finish
 
             finish()
     last = progress.history[-1] if progress.history else {}
@@ -199,26 +192,26 @@ def execute(command: str, args: argparse.Namespace, run_args, data, encoder, con
 
 def run(args: argparse.Namespace) -> int:
     from mapper import init_params
-    from tasks import training
+    from tasks.loop import RunArgs
+    from tasks.run_folder import check_out_dir
     from tasks.text import prepare
 
     check_args(args)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = distributed_world()[1]
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
     device = resolve_run_device(args)
     out = Path(args.out)
-    training.check_out_dir(out, args.resume)
+    check_out_dir(out, args.resume)
     config, params, init = model_config(args)
-    if args.context > config.n_positions:
-        raise ValueError(f"--context {args.context} exceeds the model's {config.n_positions} positions")
+    check_fits_context("--context", args.context, config)
     encoder = load_tokenizer_for(args.tokenizer)
     data = prepare(args.data, encoder, args.context, args.stride, args.val_fraction, args.batch_size,
                    cache_dir=out)
     if data.train.ids.size and int(data.train.ids.max()) >= config.vocab_size:
         raise ValueError(f"the text holds token id {int(data.train.ids.max())}, outside the model's vocabulary "
                          f"of {config.vocab_size}")
-    run_args = training.RunArgs(**common_run_args(
+    run_args = RunArgs(**common_run_args(
         args, config, init, args.data, data.sha256, device, context=args.context, stride=args.stride,
         val_fraction=args.val_fraction, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens))
     if not args.resume and params is None:
@@ -226,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     description = (f"{len(data.train)} training / {len(data.val)} validation windows of {args.context} tokens")
     progress = execute("train", args, run_args, data, encoder, config, params, backend_factory(args, device),
                        description)
-    if progress is not None and int(os.environ.get("RANK", 0)) == 0:
+    if progress is not None and distributed_world()[0] == 0:
         print(f"gpt2 train: try `gpt2 generate --weights {out} --prompt {args.sample_prompt or 'Hello'!r}`",
               file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""Floor 1: the contract both backends share — configs, the parameter schema, sampling, tokenizer, checkpoints."""
+"""Floor 1: the contract everything above shares — configs, the parameter schema, sampling, tokenizer, checkpoints,
+and the small types and rules the engines and the jobs have in common (``mapper.training``)."""
 
 from mapper.checkpoint import (
     CheckpointError,

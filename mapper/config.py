@@ -72,6 +72,12 @@ class GPT2Config:
         """hs = C / NH."""
         return self.n_embd // self.n_head
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """GPT-2's ``<|endoftext|>`` (50256) for a model with GPT-2's vocabulary; None for any other vocabulary,
+        whose end-of-text token (if any) this project cannot know."""
+        return GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else None
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
         """One of ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (V=50257, context 1024)."""

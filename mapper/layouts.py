@@ -34,8 +34,9 @@ from __future__ import annotations
 import numpy as np
 
 from mapper.config import GPT2Config
-from mapper.lora import LoraConfig, is_lora_key, lora_param_shapes
-from mapper.schema import describe_key_mismatch, param_shapes, validate_params
+from mapper.errors import describe_key_mismatch
+from mapper.lora import LoraConfig, is_lora_key
+from mapper.schema import param_shapes, validate_params
 
 ATTENTION_LAYOUTS = ("custom", "fused")
 
@@ -70,13 +71,6 @@ def _copy(a: np.ndarray) -> np.ndarray:
     return np.array(a, order="C", copy=True)
 
 
-def _canonical_shapes(config: GPT2Config, lora: LoraConfig | None) -> dict[str, tuple[int, ...]]:
-    shapes = param_shapes(config)
-    if lora is not None:
-        shapes.update(lora_param_shapes(config, lora))
-    return shapes
-
-
 def module_state_shapes(
     config: GPT2Config, attention: str, lora: LoraConfig | None = None
 ) -> dict[str, tuple[int, ...]]:
@@ -84,7 +78,7 @@ def module_state_shapes(
     check_lora_layout(attention, lora)
     C = config.n_embd
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, shape in _canonical_shapes(config, lora).items():
+    for name, shape in param_shapes(config, lora).items():
         block_name = name.split(".", 2)[2] if name.startswith("h.") else None
         if block_name == "attn.c_attn.weight":
             if attention == "fused":
@@ -149,7 +143,7 @@ def from_module_state(
         if tuple(state[name].shape) != shape:
             raise ValueError(f"module state {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
     params: dict[str, np.ndarray] = {}
-    for name in _canonical_shapes(config, lora):
+    for name in param_shapes(config, lora):
         block_name = name.split(".", 2)[2] if name.startswith("h.") else None
         if block_name == "attn.c_attn.weight":
             if attention == "fused":

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.errors import describe_key_mismatch
 
 # What each target name adapts inside every block, and each layer's (in, out) as multiples of n_embd.
 LORA_TARGETS: dict[str, tuple[str, ...]] = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
@@ -154,8 +155,6 @@ def check_lora_params(params: dict[str, np.ndarray], lora: LoraConfig | None) ->
     missing = [k for k in expected if k not in params]
     unexpected = [k for k in adapters if k not in set(expected)]
     if missing or unexpected:
-        from mapper.schema import describe_key_mismatch  # schema imports this module
-
         raise ValueError(f"the LoRA adapters do not match {lora}: " + describe_key_mismatch(missing, unexpected))
     for i in range(n_layer):
         for layer in lora.layers:

@@ -20,7 +20,11 @@ rows, finished or not), so the stream does not depend on which rows stopped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from mapper.config import GPT2Config
 
 
 def validate_sampling_args(
@@ -120,3 +124,14 @@ class TokenSelector:
             ids = np.where(self.finished, self.pad_token_id, ids)
             self.finished |= ids == self.eos_token_id
         return ids
+
+
+def new_token_budget(prompt_length: int, max_new_tokens: int, config: GPT2Config) -> int:
+    """How many of ``max_new_tokens`` fit after a prompt of ``prompt_length`` tokens in the context (>= 0)."""
+    return max(0, min(max_new_tokens, config.n_positions - prompt_length))
+
+
+def cut_at_eos(ids: Sequence[int], eos_token_id: int | None) -> list[int]:
+    """The generated ``ids`` up to (without) the first ``eos_token_id``; all of them when there is none."""
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(eos_token_id)] if eos_token_id is not None and eos_token_id in ids else ids

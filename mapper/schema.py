@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.errors import describe_key_mismatch
 from mapper.lora import LoraConfig, lora_param_shapes
 
 BLOCK_PARAMS = (
@@ -37,8 +38,9 @@ BLOCK_PARAMS = (
 )  # fmt: skip
 
 
-def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """Every canonical parameter name and its shape, in a fixed order (embeddings, blocks, ln_f, heads)."""
+def param_shapes(config: GPT2Config, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Every canonical parameter name and its shape, in a fixed order (embeddings, blocks, ln_f, heads), then the
+    adapters of ``lora`` when given (``mapper.lora.lora_param_shapes``)."""
     V, C, P = config.vocab_size, config.n_embd, config.n_positions
     block_shapes = {
         "ln_1.weight": (C,), "ln_1.bias": (C,),
@@ -58,6 +60,8 @@ def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (V, C)
     if config.n_classes is not None:
         shapes["score.weight"] = (C, config.n_classes)
+    if lora is not None:
+        shapes.update(lora_param_shapes(config, lora))
     return shapes
 
 
@@ -91,20 +95,6 @@ def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.fl
     return params
 
 
-def describe_key_mismatch(missing: list[str], unexpected: list[str], shown: int = 6) -> str:
-    """The one wording of a key mismatch: "missing 2 key(s): a, b; unexpected 1 key(s): c" (long lists cut)."""
-
-    def first(keys: list[str]) -> str:
-        return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
-
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} key(s): {first(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} key(s): {first(unexpected)}")
-    return "; ".join(parts)
-
-
 def validate_params(params: dict[str, np.ndarray], config: GPT2Config, lora: LoraConfig | None = None) -> np.dtype:
     """Check ``params`` against the schema of ``config`` (plus the adapters of ``lora``, if given); return their
     common float dtype.
@@ -112,9 +102,7 @@ def validate_params(params: dict[str, np.ndarray], config: GPT2Config, lora: Lor
     Raises ``ValueError`` naming the missing/unexpected keys, a wrong shape (with both shapes) or a
     mixed/unsupported dtype. Adapters without a ``lora`` are refused with a message saying so.
     """
-    expected = param_shapes(config)
-    if lora is not None:
-        expected.update(lora_param_shapes(config, lora))
+    expected = param_shapes(config, lora)
     missing = [k for k in expected if k not in params]
     unexpected = [k for k in params if k not in expected]
     if missing or unexpected:

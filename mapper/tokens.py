@@ -21,6 +21,12 @@ def check_length(length: int, config: GPT2Config, pos0: int = 0) -> None:
         raise ValueError(f"{what} exceeds the model's context of n_positions={config.n_positions}")
 
 
+def check_fits_context(flag: str, value: int, config: GPT2Config) -> None:
+    """Refuse (never silently cut) a length ``value`` given by the option ``flag`` that exceeds the context."""
+    if value > config.n_positions:
+        raise ValueError(f"{flag} {value} exceeds the model's context of {config.n_positions} positions")
+
+
 def check_token_shape(shape: tuple[int, ...], config: GPT2Config, name: str = "tokens", pos0: int = 0) -> None:
     """Raise unless ``shape`` is a non-empty [B, T] whose T fits the context from ``pos0``."""
     if len(shape) != 2:

@@ -1,13 +1,13 @@
 """Floor 2: the NumPy spec of GPT-2, forward and hand-written backward (no autograd)."""
 
 from numpy_gpt2.generate import generate, generate_stream
-from numpy_gpt2.model import classify_forward, classify_loss, classify_loss_and_grads, forward, loss, loss_and_grads
-from numpy_gpt2.optim import AdamW, Trainer, clip_grad_norm
+from numpy_gpt2.model import classify, classify_loss, classify_loss_and_grads, forward, loss, loss_and_grads
+from numpy_gpt2.optim import AdamW, FastAdamW, clip_grad_norm
 
 __all__ = [
     "AdamW",
-    "Trainer",
-    "classify_forward",
+    "FastAdamW",
+    "classify",
     "classify_loss",
     "classify_loss_and_grads",
     "clip_grad_norm",

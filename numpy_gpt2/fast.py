@@ -1,4 +1,4 @@
-"""Measured speed-ups of some spec ops, chosen with ``fast=True`` (``numpy_gpt2.forward(..., fast=True)`` etc.).
+"""Measured speed-ups of some spec ops (kernels only), chosen with ``fast=True`` (``numpy_gpt2.forward``, ...).
 
 Each function here has its spec twin in ``numpy_gpt2/ops.py`` with the same signature and the same result up to
 rounding (``parity_tests/test_fast.py`` checks every one against the spec). The spec says *what* is computed;
@@ -13,12 +13,11 @@ of its kernels from this module.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from numpy_gpt2.ops import (
+    check_no_kv_cache,
     embedding_backward,
     embedding_forward,
     gelu_backward,
@@ -39,11 +38,8 @@ from numpy_gpt2.ops import (
     softmax_cross_entropy_forward,
     split_heads,
 )
-from numpy_gpt2.ops import check_no_kv_cache
-from numpy_gpt2.optim import AdamW
 
 __all__ = [
-    "FastAdamW",
     "attention_backward",
     "attention_forward",
     "embedding_backward",
@@ -138,70 +134,3 @@ def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]
             dv[:, :, :e] += dv_block
             dk[:, :, :e] += dk_block
     return dqkv.reshape(B, T, 3 * NH * hs), ()
-
-
-# ------------------------------------------------------------------------------------------------------
-# AdamW in cache-sized chunks on all cores. The spec's update makes ~8 passes over [n] arrays per tensor;
-# here each chunk of p, g, m, v is read from memory once and the ~14 elementwise steps run on it while it sits
-# in L2 cache, the chunks shared out among threads (NumPy releases the GIL inside each operation).
-# The arithmetic is the spec's, in the same order, so the results are bit-identical. Measured: 311 -> 134 ms
-# per step on 124M parameters, 15% of a train step at B=4 T=64.
-# ------------------------------------------------------------------------------------------------------
-
-
-class FastAdamW(AdamW):
-    """``optim.AdamW`` (same arguments, state and results) with a chunked, threaded ``step``."""
-
-    def __init__(
-        self, params: dict[str, np.ndarray], *args, chunk: int = 1 << 17, threads: int | None = None, **kwargs
-    ) -> None:
-        super().__init__(params, *args, **kwargs)
-        self.chunk = chunk
-        self.threads = max(1, threads if threads is not None else min(os.cpu_count() or 1, 8))
-        dtype = next(iter(params.values())).dtype
-        self._scratch = [np.empty(chunk, dtype=dtype) for _ in range(self.threads)]
-        self._pool: ThreadPoolExecutor | None = None
-
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float | None = None) -> None:
-        lr = self.lr if lr is None else lr
-        beta1, beta2 = self.betas
-        self.t += 1
-        constants = (lr / (1.0 - beta1**self.t), math.sqrt(1.0 - beta2**self.t), 1.0 - lr * self.weight_decay)
-        chunks = [(name, start) for name, p in params.items() for start in range(0, p.size, self.chunk)]
-        groups = [chunks[i :: self.threads] for i in range(self.threads)]
-        if self.threads == 1:
-            self._update_chunks(groups[0], params, grads, self._scratch[0], constants)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads)
-        jobs = [self._pool.submit(self._update_chunks, group, params, grads, self._scratch[i], constants)
-                for i, group in enumerate(groups)]
-        for job in jobs:
-            job.result()
-
-    def _update_chunks(self, chunks: list[tuple[str, int]], params: dict[str, np.ndarray],
-                       grads: dict[str, np.ndarray], scratch: np.ndarray, constants: tuple[float, float, float]
-                       ) -> None:
-        step_size, bias_correction2_sqrt, decay_factor = constants
-        beta1, beta2 = self.betas
-        for name, start in chunks:
-            p = params[name]
-            end = start + self.chunk
-            p_chunk = p.reshape(-1)[start:end]  # views: every tensor is C-contiguous (checked by AdamW)
-            g, m, v = (a[name].reshape(-1)[start:end] for a in (grads, self.m, self.v))
-            tmp = scratch[: p_chunk.size]
-            if self.decays(p):
-                p_chunk *= decay_factor  # p (1 - lr wd)
-            np.subtract(g, m, out=tmp)
-            tmp *= 1.0 - beta1
-            m += tmp  # m + (1 - beta1)(g - m)
-            np.multiply(g, g, out=tmp)
-            tmp *= 1.0 - beta2
-            v *= beta2
-            v += tmp  # beta2 v + (1 - beta2) g^2
-            np.sqrt(v, out=tmp)
-            tmp /= bias_correction2_sqrt
-            tmp += self.eps  # sqrt(v) / sqrt(1 - beta2^t) + eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p_chunk -= tmp  # p - lr / (1 - beta1^t) * m / (...)

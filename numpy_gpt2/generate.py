@@ -10,7 +10,7 @@ from mapper.config import GPT2Config
 from mapper.sampling import TokenSelector
 from mapper.schema import validate_params
 from mapper.tokens import check_generation, check_tokens
-from numpy_gpt2.model import model_forward
+from numpy_gpt2.model import lm_forward
 
 
 def generate_stream(
@@ -57,14 +57,14 @@ def _decode(
     # preallocated cache: [L, 2 (k and v), B, NH, total, hs]
     cache = np.empty((config.n_layer, 2, B, NH, total, hs), dtype=dtype)
     kv = [(cache[i, 0], cache[i, 1]) for i in range(config.n_layer)]
-    logits, _ = model_forward(params, config, tokens, kv_caches=kv, last_only=True, fast=fast)  # prefill
+    logits, _ = lm_forward(params, config, tokens, kv_caches=kv, last_only=True, fast=fast)  # prefill
     for step in range(max_new_tokens):
         next_ids = selector.step(logits[:, -1])
         yield next_ids
         if selector.done or step == max_new_tokens - 1:
             return
-        logits, _ = model_forward(params, config, next_ids[:, None], kv_caches=kv, pos0=T + step, last_only=True,
-                                 fast=fast)
+        logits, _ = lm_forward(params, config, next_ids[:, None], kv_caches=kv, pos0=T + step, last_only=True,
+                               fast=fast)
 
 
 def generate(

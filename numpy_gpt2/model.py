@@ -15,6 +15,11 @@ Gradients are returned for every parameter, adapters and base weights alike: fre
 optimizer's business (give it only the tensors to train). A head the loss does not use gets a zero gradient
 (``score.weight`` under the LM loss, an untied ``lm_head.weight`` under the classification loss).
 
+Two kinds of function. The public ones check their inputs and return results: ``forward`` (logits), ``loss``,
+``loss_and_grads``, ``classify`` (class logits), ``classify_loss``, ``classify_loss_and_grads``. The pairs
+``block_forward`` / ``block_backward``, ``body_*``, ``lm_*`` (the language model) and ``classifier_*`` take
+already-checked inputs and return caches for the backward, like the ops they are made of.
+
 Parameters: the canonical dict of ``mapper.schema`` (Conv1D [in, out] weights). Their dtype decides the
 arithmetic (float32 or float64). Every public function takes ``fast``: False runs the spec ops of
 ``numpy_gpt2/ops.py``, True the measured speed-ups of ``numpy_gpt2/fast.py`` (same results up to rounding).
@@ -30,16 +35,14 @@ from mapper.config import GPT2Config
 from mapper.lora import LoraConfig
 from mapper.schema import BLOCK_PARAMS, validate_params
 from mapper.tokens import check_labels, check_lengths, check_targets, check_tokens
-from numpy_gpt2 import ops
+from numpy_gpt2 import fast as fast_kernels
+from numpy_gpt2 import ops as spec_kernels
 
 
 def kernels(fast: bool) -> ModuleType:
-    """The module whose ``*_forward`` / ``*_backward`` functions the model calls: the spec or the fast path."""
-    if not fast:
-        return ops
-    from numpy_gpt2 import fast as fast_ops
-
-    return fast_ops
+    """The module whose ``*_forward`` / ``*_backward`` functions the model calls: the spec (``numpy_gpt2/ops.py``)
+    or its measured speed-ups (``numpy_gpt2/fast.py``)."""
+    return fast_kernels if fast else spec_kernels
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -48,25 +51,25 @@ def kernels(fast: bool) -> ModuleType:
 
 
 def adapted_linear_forward(
-    k: ModuleType, x: np.ndarray, p: dict[str, np.ndarray], layer: str, lora_scale: float
+    ops: ModuleType, x: np.ndarray, p: dict[str, np.ndarray], layer: str, lora_scale: float
 ) -> tuple[np.ndarray, tuple]:
     """x [..., Cin] -> y [..., Cout] through ``layer`` of the block parameters ``p`` (its adapter if ``p`` has one)."""
-    y, cache_linear = k.linear_forward(x, p[f"{layer}.weight"], p[f"{layer}.bias"])  # x @ W + b
+    y, cache_linear = ops.linear_forward(x, p[f"{layer}.weight"], p[f"{layer}.bias"])  # x @ W + b
     if f"{layer}.lora_A" not in p:
         return y, (cache_linear, None)
-    delta, cache_lora = k.lora_forward(x, p[f"{layer}.lora_A"], p[f"{layer}.lora_B"], lora_scale)  # scale (x A) B
+    delta, cache_lora = ops.lora_forward(x, p[f"{layer}.lora_A"], p[f"{layer}.lora_B"], lora_scale)  # scale (x A) B
     return y + delta, (cache_linear, cache_lora)
 
 
 def adapted_linear_backward(
-    k: ModuleType, dy: np.ndarray, cache: tuple, layer: str, g: dict[str, np.ndarray]
+    ops: ModuleType, dy: np.ndarray, cache: tuple, layer: str, g: dict[str, np.ndarray]
 ) -> np.ndarray:
     """dy [..., Cout] -> dx [..., Cin]; the layer's parameter gradients are stored into ``g``."""
     cache_linear, cache_lora = cache
     # y = (x @ W + b) + lora(x): dy reaches both terms unchanged
-    dx, (g[f"{layer}.weight"], g[f"{layer}.bias"]) = k.linear_backward(dy, cache_linear)
+    dx, (g[f"{layer}.weight"], g[f"{layer}.bias"]) = ops.linear_backward(dy, cache_linear)
     if cache_lora is not None:
-        dx_lora, (g[f"{layer}.lora_A"], g[f"{layer}.lora_B"]) = k.lora_backward(dy, cache_lora)
+        dx_lora, (g[f"{layer}.lora_A"], g[f"{layer}.lora_B"]) = ops.lora_backward(dy, cache_lora)
         dx = dx + dx_lora  # x feeds both terms: the two gradients add
     return dx
 
@@ -87,42 +90,42 @@ def block_forward(
     lora: LoraConfig | None = None,
 ) -> tuple[np.ndarray, tuple]:
     """x [B, T, C] -> x [B, T, C] through block ``i`` (pre-LN attention, then pre-LN MLP)."""
-    k = kernels(fast)
+    ops = kernels(fast)
     names = BLOCK_PARAMS if lora is None else (*BLOCK_PARAMS, *(f"{m}.lora_{ab}" for m in lora.layers for ab in "AB"))
     p = {name: params[f"h.{i}.{name}"] for name in names}
     s = 0.0 if lora is None else lora.scale
     eps = config.layer_norm_epsilon
-    ln1, cache_ln1 = k.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [B,T,C]
-    qkv, cache_qkv = adapted_linear_forward(k, ln1, p, "attn.c_attn", s)  # [B,T,3C]
-    att, cache_att = k.attention_forward(qkv, config.n_head, kv_cache, pos0)  # [B,T,C]
-    proj, cache_proj = adapted_linear_forward(k, att, p, "attn.c_proj", s)  # [B,T,C]
-    x1, _ = k.residual_forward(x, proj)  # [B,T,C]
-    ln2, cache_ln2 = k.layernorm_forward(x1, p["ln_2.weight"], p["ln_2.bias"], eps)  # [B,T,C]
-    fc, cache_fc = adapted_linear_forward(k, ln2, p, "mlp.c_fc", s)  # [B,T,4C]
-    act, cache_gelu = k.gelu_forward(fc)  # [B,T,4C]
-    mlp, cache_mlp = adapted_linear_forward(k, act, p, "mlp.c_proj", s)  # [B,T,C]
-    x2, _ = k.residual_forward(x1, mlp)  # [B,T,C]
+    ln1, cache_ln1 = ops.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [B,T,C]
+    qkv, cache_qkv = adapted_linear_forward(ops, ln1, p, "attn.c_attn", s)  # [B,T,3C]
+    att, cache_att = ops.attention_forward(qkv, config.n_head, kv_cache, pos0)  # [B,T,C]
+    proj, cache_proj = adapted_linear_forward(ops, att, p, "attn.c_proj", s)  # [B,T,C]
+    x1, _ = ops.residual_forward(x, proj)  # [B,T,C]
+    ln2, cache_ln2 = ops.layernorm_forward(x1, p["ln_2.weight"], p["ln_2.bias"], eps)  # [B,T,C]
+    fc, cache_fc = adapted_linear_forward(ops, ln2, p, "mlp.c_fc", s)  # [B,T,4C]
+    act, cache_gelu = ops.gelu_forward(fc)  # [B,T,4C]
+    mlp, cache_mlp = adapted_linear_forward(ops, act, p, "mlp.c_proj", s)  # [B,T,C]
+    x2, _ = ops.residual_forward(x1, mlp)  # [B,T,C]
     return x2, (cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp)
 
 
 def block_backward(dx2: np.ndarray, cache: tuple, i: int, fast: bool = False) -> tuple[np.ndarray, dict]:
     """dx2 [B, T, C] -> (dx [B, T, C], the gradients of block ``i``'s parameters keyed by canonical name)."""
-    k = kernels(fast)
+    ops = kernels(fast)
     cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp = cache
     g: dict[str, np.ndarray] = {}
     # x2 = x1 + mlp
-    (dx1, dmlp), _ = k.residual_backward(dx2, ())
-    dact = adapted_linear_backward(k, dmlp, cache_mlp, "mlp.c_proj", g)
-    dfc, _ = k.gelu_backward(dact, cache_gelu)
-    dln2 = adapted_linear_backward(k, dfc, cache_fc, "mlp.c_fc", g)
-    dx1_ln2, (g["ln_2.weight"], g["ln_2.bias"]) = k.layernorm_backward(dln2, cache_ln2)
+    (dx1, dmlp), _ = ops.residual_backward(dx2, ())
+    dact = adapted_linear_backward(ops, dmlp, cache_mlp, "mlp.c_proj", g)
+    dfc, _ = ops.gelu_backward(dact, cache_gelu)
+    dln2 = adapted_linear_backward(ops, dfc, cache_fc, "mlp.c_fc", g)
+    dx1_ln2, (g["ln_2.weight"], g["ln_2.bias"]) = ops.layernorm_backward(dln2, cache_ln2)
     dx1 = dx1 + dx1_ln2  # x1 feeds both the residual and ln_2: the two gradients add
     # x1 = x + proj
-    (dx, dproj), _ = k.residual_backward(dx1, ())
-    datt = adapted_linear_backward(k, dproj, cache_proj, "attn.c_proj", g)
-    dqkv, _ = k.attention_backward(datt, cache_att)
-    dln1 = adapted_linear_backward(k, dqkv, cache_qkv, "attn.c_attn", g)
-    dx_ln1, (g["ln_1.weight"], g["ln_1.bias"]) = k.layernorm_backward(dln1, cache_ln1)
+    (dx, dproj), _ = ops.residual_backward(dx1, ())
+    datt = adapted_linear_backward(ops, dproj, cache_proj, "attn.c_proj", g)
+    dqkv, _ = ops.attention_backward(datt, cache_att)
+    dln1 = adapted_linear_backward(ops, dqkv, cache_qkv, "attn.c_attn", g)
+    dx_ln1, (g["ln_1.weight"], g["ln_1.bias"]) = ops.layernorm_backward(dln1, cache_ln1)
     dx = dx + dx_ln1  # x feeds both the residual and ln_1
     return dx, {f"h.{i}.{name}": grad for name, grad in g.items()}
 
@@ -144,8 +147,8 @@ def body_forward(
     lora: LoraConfig | None = None,
 ) -> tuple[np.ndarray, tuple | None]:
     """tokens [B, T] -> h = ln_f(last block's output) [B, T, C] (or [B, 1, C] with ``last_only``), plus caches."""
-    k = kernels(fast)
-    x, cache_emb = k.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
+    ops = kernels(fast)
+    x, cache_emb = ops.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
     block_caches = []
     for i in range(config.n_layer):
         kv = None if kv_caches is None else kv_caches[i]
@@ -154,21 +157,21 @@ def body_forward(
             block_caches.append(cache_block)
     if last_only:
         x = x[:, -1:]  # decoding needs only the next-token prediction
-    h, cache_lnf = k.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
+    h, cache_lnf = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
     return h, ((cache_emb, block_caches, cache_lnf) if keep_caches else None)
 
 
 def body_backward(dh: np.ndarray, caches: tuple, config: GPT2Config, fast: bool = False) -> dict[str, np.ndarray]:
     """dh [B, T, C] -> the gradients of the body's parameters; ``wte.weight`` gets the embedding's part only."""
-    k = kernels(fast)
+    ops = kernels(fast)
     cache_emb, block_caches, cache_lnf = caches
     grads: dict[str, np.ndarray] = {}
-    dx, (grads["ln_f.weight"], grads["ln_f.bias"]) = k.layernorm_backward(dh, cache_lnf)
+    dx, (grads["ln_f.weight"], grads["ln_f.bias"]) = ops.layernorm_backward(dh, cache_lnf)
     for i in reversed(range(config.n_layer)):
         dx, block_grads = block_backward(dx, block_caches[i], i, fast)
         grads.update(block_grads)
     # x = wte[tokens] + wpe[positions]
-    _, (grads["wte.weight"], grads["wpe.weight"]) = k.embedding_backward(dx, cache_emb)
+    _, (grads["wte.weight"], grads["wpe.weight"]) = ops.embedding_backward(dx, cache_emb)
     return grads
 
 
@@ -177,7 +180,7 @@ def body_backward(dh: np.ndarray, caches: tuple, config: GPT2Config, fast: bool 
 # ------------------------------------------------------------------------------------------------------
 
 
-def model_forward(
+def lm_forward(
     params: dict[str, np.ndarray],
     config: GPT2Config,
     tokens: np.ndarray,
@@ -193,20 +196,20 @@ def model_forward(
     ``kv_caches``: one (K, V) pair of [B, NH, T_max, hs] arrays per layer for incremental decoding,
     with this call's tokens at positions pos0 .. pos0+T-1.
     """
-    k = kernels(fast)
+    ops = kernels(fast)
     h, cache_body = body_forward(params, config, tokens, keep_caches, kv_caches, pos0, last_only, fast, lora)
     head = params.get("lm_head.weight", params["wte.weight"])  # [V,C]: wte when tied
-    logits, cache_head = k.lm_head_forward(h, head)  # logits = h @ head.T   [B,T,C] -> [B,T,V]
+    logits, cache_head = ops.lm_head_forward(h, head)  # logits = h @ head.T   [B,T,C] -> [B,T,V]
     return logits, ((cache_body, cache_head) if keep_caches else None)
 
 
-def model_backward(
+def lm_backward(
     dlogits: np.ndarray, caches: tuple, params: dict[str, np.ndarray], config: GPT2Config, fast: bool = False
 ) -> dict[str, np.ndarray]:
     """dlogits [B, T, V] -> the gradient of every parameter, keyed and ordered like ``params``."""
-    k = kernels(fast)
+    ops = kernels(fast)
     cache_body, cache_head = caches
-    dh, (dhead,) = k.lm_head_backward(dlogits, cache_head)  # dhead [V,C]
+    dh, (dhead,) = ops.lm_head_backward(dlogits, cache_head)  # dhead [V,C]
     grads = body_backward(dh, cache_body, config, fast)
     if "lm_head.weight" in params:
         grads["lm_head.weight"] = dhead
@@ -227,7 +230,7 @@ def forward(
     """Logits [B, T, V] for int tokens [B, T] (dtype of the parameters)."""
     validate_params(params, config, lora)
     tokens = check_tokens(tokens, config)
-    logits, _ = model_forward(params, config, tokens, fast=fast, lora=lora)
+    logits, _ = lm_forward(params, config, tokens, fast=fast, lora=lora)
     return logits
 
 
@@ -243,7 +246,7 @@ def loss(
     validate_params(params, config, lora)
     tokens = check_tokens(tokens, config)
     targets = check_targets(targets, tokens.shape, config)
-    logits, _ = model_forward(params, config, tokens, fast=fast, lora=lora)
+    logits, _ = lm_forward(params, config, tokens, fast=fast, lora=lora)
     return kernels(fast).softmax_cross_entropy_forward(logits, targets)[0]
 
 
@@ -263,12 +266,12 @@ def loss_and_grads(
     validate_params(params, config, lora)
     tokens = check_tokens(tokens, config)
     targets = check_targets(targets, tokens.shape, config)
-    k = kernels(fast)
-    logits, caches = model_forward(params, config, tokens, keep_caches=True, fast=fast, lora=lora)
-    mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, targets)
+    ops = kernels(fast)
+    logits, caches = lm_forward(params, config, tokens, keep_caches=True, fast=fast, lora=lora)
+    mean_loss, cache_loss = ops.softmax_cross_entropy_forward(logits, targets)
     del logits  # the loss cache keeps what the backward needs
-    dlogits, _ = k.softmax_cross_entropy_backward(1.0, cache_loss)
-    return mean_loss, model_backward(dlogits, caches, params, config, fast)
+    dlogits, _ = ops.softmax_cross_entropy_backward(1.0, cache_loss)
+    return mean_loss, lm_backward(dlogits, caches, params, config, fast)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -286,10 +289,10 @@ def classifier_forward(
     lora: LoraConfig | None = None,
 ) -> tuple[np.ndarray, tuple | None]:
     """tokens [B, T], lengths [B] (checked) -> class logits [B, n_classes], plus caches for backward."""
-    k = kernels(fast)
+    ops = kernels(fast)
     h, cache_body = body_forward(params, config, tokens, keep_caches, fast=fast, lora=lora)  # [B,T,C]
-    pooled, cache_pool = k.pool_forward(h, lengths - 1)  # [B,C] each row at its last real token
-    logits, cache_score = k.linear_forward(pooled, params["score.weight"], None)  # [B,C] @ [C,n_classes], no bias
+    pooled, cache_pool = ops.pool_forward(h, lengths - 1)  # [B,C] each row at its last real token
+    logits, cache_score = ops.linear_forward(pooled, params["score.weight"], None)  # [B,C] @ [C,n_classes], no bias
     return logits, ((cache_body, cache_pool, cache_score) if keep_caches else None)
 
 
@@ -297,10 +300,10 @@ def classifier_backward(
     dlogits: np.ndarray, caches: tuple, params: dict[str, np.ndarray], config: GPT2Config, fast: bool = False
 ) -> dict[str, np.ndarray]:
     """dlogits [B, n_classes] -> the gradient of every parameter, keyed and ordered like ``params``."""
-    k = kernels(fast)
+    ops = kernels(fast)
     cache_body, cache_pool, cache_score = caches
-    dpooled, (dscore, _) = k.linear_backward(dlogits, cache_score)  # dscore [C,n_classes]
-    dh, _ = k.pool_backward(dpooled, cache_pool)  # [B,T,C]
+    dpooled, (dscore, _) = ops.linear_backward(dlogits, cache_score)  # dscore [C,n_classes]
+    dh, _ = ops.pool_backward(dpooled, cache_pool)  # [B,T,C]
     grads = body_backward(dh, cache_body, config, fast)
     grads["score.weight"] = dscore
     if "lm_head.weight" in params:
@@ -319,7 +322,7 @@ def _check_classifier_input(
     return tokens, check_lengths(lengths, tokens.shape)
 
 
-def classify_forward(
+def classify(
     params: dict[str, np.ndarray],
     config: GPT2Config,
     tokens: np.ndarray,
@@ -365,8 +368,8 @@ def classify_loss_and_grads(
     (``score.weight``, the body, the adapters; an untied ``lm_head.weight`` gets zeros)."""
     tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora)
     labels = check_labels(labels, tokens.shape[0], config.n_classes)
-    k = kernels(fast)
+    ops = kernels(fast)
     logits, caches = classifier_forward(params, config, tokens, lengths, keep_caches=True, fast=fast, lora=lora)
-    mean_loss, cache_loss = k.softmax_cross_entropy_forward(logits, labels)  # logits [B,n_classes], labels [B]
-    dlogits, _ = k.softmax_cross_entropy_backward(1.0, cache_loss)  # [B,n_classes]
+    mean_loss, cache_loss = ops.softmax_cross_entropy_forward(logits, labels)  # logits [B,n_classes], labels [B]
+    dlogits, _ = ops.softmax_cross_entropy_backward(1.0, cache_loss)  # [B,n_classes]
     return mean_loss, classifier_backward(dlogits, caches, params, config, fast)

@@ -18,7 +18,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from mapper import checkpoint
+from mapper import save
 from mapper.checkpoint import CheckpointError, detect_format, load_checkpoint, save_checkpoint
 from mapper.config import GPT2Config
 from mapper.schema import param_shapes
@@ -380,7 +380,7 @@ def test_failed_save_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.Mon
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_safetensors", crash)
+    monkeypatch.setattr(save, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(random_params(TINY, "float32", seed=1), TINY, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before

@@ -133,7 +133,7 @@ def test_sampling_arguments_are_checked_before_any_model_is_built(capsys, monkey
     def never(*args, **kwargs):
         raise AssertionError("the model was built before the arguments were checked")
 
-    monkeypatch.setattr("gpt2_cli.generate.load_model_params", never)
+    monkeypatch.setattr("gpt2_cli.generate.resolve_model", never)
     assert main(["generate", "--preset", "gpt2-xl", "--prompt", "Hi", flag, value]) == 2
     assert message in one_line_error(capsys)
 
@@ -159,7 +159,7 @@ def test_a_device_torch_cannot_use_fails_first(capsys, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("work started before the device was checked")
 
-    monkeypatch.setattr("gpt2_cli.parity.load_model_params", never)
+    monkeypatch.setattr("gpt2_cli.parity.resolve_model", never)
     assert main(["parity", "--device", "cuda"]) == 2
     assert "device 'cuda'" in one_line_error(capsys)
     assert main(["parity", "--device", "tpu9"]) == 2

@@ -54,7 +54,7 @@ def test_fast_adamw_is_bit_identical_to_the_spec(threads, decay):
     fast_params = {k: v.copy() for k, v in spec_params.items()}
     kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay=decay)
     spec_opt = numpy_gpt2.AdamW(spec_params, **kw)
-    fast_opt = fast.FastAdamW(fast_params, chunk=64, threads=threads, **kw)  # chunks smaller than the tensors
+    fast_opt = numpy_gpt2.FastAdamW(fast_params, chunk=64, threads=threads, **kw)  # chunks smaller than the tensors
     for step in range(5):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
         spec_opt.step(spec_params, grads, lr=3e-3 * (step + 1) / 5)

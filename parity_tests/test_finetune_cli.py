@@ -47,7 +47,7 @@ def test_classify_learns_and_loads_in_transformers(slices, tmp_path, backend, ca
     lengths = np.array([3, 5])
     import numpy_gpt2
 
-    ours = numpy_gpt2.classify_forward(params, config, tokens, lengths)
+    ours = numpy_gpt2.classify(params, config, tokens, lengths)
     hf = transformers.GPT2ForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens)).logits.double().numpy()
@@ -114,7 +114,7 @@ def test_finetune_refuses_bad_input_in_one_line(slices, tmp_path, capsys):
     cases = [
         (["classify", "--data", str(tmp_path / "missing.tsv")], "does not exist"),
         (["classify", "--data", str(slices / "sms.tsv"), "--trainable", "lora"], "--trainable lora needs --lora-rank"),
-        (["classify", "--data", str(slices / "sms.tsv"), "--max-length", "129"], "exceeds the model's 128"),
+        (["classify", "--data", str(slices / "sms.tsv"), "--max-length", "129"], "exceeds the model's context of 128 positions"),
         (["instruct", "--data", str(slices / "sms.tsv")], "is not valid JSON"),
     ]
     for argv, message in cases:

@@ -210,9 +210,9 @@ def test_padded_row_scores_as_it_would_alone():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 30, (3, 9))
     lengths = np.array([9, 4, 1])
-    logits = numpy_gpt2.classify_forward(params, config, tokens, lengths, lora=lora)
+    logits = numpy_gpt2.classify(params, config, tokens, lengths, lora=lora)
     for b in range(3):
-        alone = numpy_gpt2.classify_forward(params, config, tokens[b : b + 1, : lengths[b]], lengths[b : b + 1],
+        alone = numpy_gpt2.classify(params, config, tokens[b : b + 1, : lengths[b]], lengths[b : b + 1],
                                             lora=lora)
         np.testing.assert_allclose(logits[b], alone[0], rtol=0, atol=1e-13)
 
@@ -239,11 +239,13 @@ def assert_agree(got: ModelOutputs, ref: ModelOutputs, what: str) -> None:
 def test_classifier_agrees_with_torch_float64(case, attn_impl):
     config, lora, tokens, lengths, labels, _, seed = case
     params = make_params(config, lora, seed)
-    ref = ModelOutputs(numpy_gpt2.classify_forward(params, config, tokens, lengths, lora=lora),
+    ref = ModelOutputs(numpy_gpt2.classify(params, config, tokens, lengths, lora=lora),
                        *numpy_gpt2.classify_loss_and_grads(params, config, tokens, lengths, labels, lora=lora))
     for layout in layouts_for(lora):
         engine = GPT2.from_params(params, config, layout, device="cpu", attn_impl=attn_impl, lora=lora)
-        assert_agree(ModelOutputs(*engine.classify_loss_and_grads(tokens, lengths, labels)), ref, layout)
+        with torch.no_grad():
+            logits = engine.classify(torch.from_numpy(tokens), lengths).numpy()
+        assert_agree(ModelOutputs(logits, *engine.classify_loss_and_grads(tokens, lengths, labels)), ref, layout)
         with torch.no_grad():
             np.testing.assert_array_equal(engine.classify(torch.from_numpy(tokens), lengths).numpy(),
                                           engine.classify(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy())
@@ -258,7 +260,9 @@ def test_lm_with_lora_agrees_with_torch_float64(case, attn_impl):
                        *numpy_gpt2.loss_and_grads(params, config, tokens, targets, lora=lora))
     for layout in layouts_for(lora):
         engine = GPT2.from_params(params, config, layout, device="cpu", attn_impl=attn_impl, lora=lora)
-        got = ModelOutputs(*engine.loss_and_grads(tokens, targets))
+        with torch.no_grad():
+            logits = engine(torch.from_numpy(tokens)).numpy()
+        got = ModelOutputs(logits, *engine.loss_and_grads(tokens, targets))
         assert list(got.grads) == list(params)  # canonical names and order, adapters included
         assert_agree(got, ref, layout)
         back = engine.to_params()
@@ -312,7 +316,7 @@ def test_torch_loss_helpers_and_errors_match_the_spec():
             engine.classify_loss(torch.from_numpy(tokens), np.array(lengths), np.array(labels))
     lm_only = config.replace(n_classes=None)
     plain = {k: v for k, v in params.items() if k != "score.weight"}
-    for call in (lambda: numpy_gpt2.classify_forward(plain, lm_only, tokens, [3, 2]),
+    for call in (lambda: numpy_gpt2.classify(plain, lm_only, tokens, [3, 2]),
                  lambda: GPT2.from_params(plain, lm_only, device="cpu").classify(torch.from_numpy(tokens), [3, 2])):
         with pytest.raises(ValueError, match=r"no classification head \(config.n_classes is None\)"):
             call()
@@ -391,8 +395,8 @@ def test_merge_lora_equals_the_adapted_model(case):
         assert not np.shares_memory(merged[name], params[name])
     np.testing.assert_allclose(numpy_gpt2.forward(merged, config, tokens),
                                numpy_gpt2.forward(params, config, tokens, lora=lora), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(numpy_gpt2.classify_forward(merged, config, tokens, lengths),
-                               numpy_gpt2.classify_forward(params, config, tokens, lengths, lora=lora), rtol=0,
+    np.testing.assert_allclose(numpy_gpt2.classify(merged, config, tokens, lengths),
+                               numpy_gpt2.classify(params, config, tokens, lengths, lora=lora), rtol=0,
                                atol=1e-12)
     layout = layouts_for(lora)[0]
     with torch.no_grad():
@@ -460,7 +464,7 @@ def test_classifier_checkpoint_loads_in_transformers(tmp_path: Path, vocab_size:
     tokens = np.full((4, 12), pad)
     for b, n in enumerate(lengths):
         tokens[b, :n] = rng.integers(0, pad, n)  # real tokens never equal the pad id
-    ours = numpy_gpt2.classify_forward(params, config, tokens, lengths, lora=lora)
+    ours = numpy_gpt2.classify(params, config, tokens, lengths, lora=lora)
     save_checkpoint(merge_lora(params, lora), config, tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert saved["pad_token_id"] == (50256 if vocab_size == 50257 else pad)
@@ -474,5 +478,5 @@ def test_classifier_checkpoint_loads_in_transformers(tmp_path: Path, vocab_size:
     model.save_pretrained(tmp_path / "theirs")
     loaded_config, loaded = load_checkpoint(tmp_path / "theirs")
     assert loaded_config == config
-    np.testing.assert_allclose(numpy_gpt2.classify_forward(loaded, config, tokens, lengths), theirs, rtol=0,
+    np.testing.assert_allclose(numpy_gpt2.classify(loaded, config, tokens, lengths), theirs, rtol=0,
                                atol=1e-10)

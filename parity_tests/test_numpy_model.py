@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 import numpy_gpt2
 from mapper import GPT2Config, init_params, load_checkpoint
+from mapper.training import Batch
 from numpy_gpt2 import ops
+from numpy_gpt2.backend import NumpyBackend
 from numpy_gpt2.gradcheck import check_model_gradients
-from numpy_gpt2.model import block_forward, model_forward
+from numpy_gpt2.model import block_forward, lm_forward
 from parity_tests.conftest import FIXTURES
 
 
@@ -169,10 +171,10 @@ def test_kv_cache_decoding_equals_full_recomputation(model, n_new):
     full = numpy_gpt2.forward(params, config, sequence)  # [B, T+n, V] without a cache
     cache = np.zeros((config.n_layer, 2, B, config.n_head, T + n_new, config.head_dim))
     kv = [(cache[i, 0], cache[i, 1]) for i in range(config.n_layer)]
-    prefill, _ = model_forward(params, config, sequence[:, :T], kv_caches=kv, pos0=0)
+    prefill, _ = lm_forward(params, config, sequence[:, :T], kv_caches=kv, pos0=0)
     np.testing.assert_allclose(prefill, full[:, :T], rtol=0, atol=1e-12)
     for t in range(T, T + n_new):  # one token at a time through the cache
-        step, _ = model_forward(params, config, sequence[:, t : t + 1], kv_caches=kv, pos0=t, last_only=True)
+        step, _ = lm_forward(params, config, sequence[:, t : t + 1], kv_caches=kv, pos0=t, last_only=True)
         np.testing.assert_allclose(step[:, 0], full[:, t], rtol=0, atol=1e-12)
 
 
@@ -249,17 +251,18 @@ def test_adamw_matches_torch_over_steps():
         np.testing.assert_allclose(params[k], tparams[k].detach().numpy(), rtol=1e-13, atol=1e-15)
 
 
-def test_trainer_reduces_loss_and_refuses_nan():
+def test_backend_step_reduces_loss_and_refuses_nan():
     config = GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    params = init_params(config, 0, np.float64)
-    trainer = numpy_gpt2.Trainer(params, config, numpy_gpt2.AdamW(params, lr=1e-2), max_grad_norm=1.0)
+    backend = NumpyBackend(config, init_params(config, 0, np.float64), 0.01, "matrices", fast=False)
     tokens = np.arange(8)[None] % 16
-    losses = [trainer.step(tokens[:, :-1], tokens[:, 1:]) for _ in range(30)]
+    batch = [Batch(tokens[:, :-1], tokens[:, 1:])]
+    losses = [backend.step(batch, lr=1e-2, grad_clip=1.0)[0] for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
+    params = backend.params()
     params["h.0.mlp.c_fc.weight"][0, 0] = np.nan
     before = {k: v.copy() for k, v in params.items()}
     with pytest.raises(FloatingPointError, match="parameters left unchanged"):
-        trainer.step(tokens[:, :-1], tokens[:, 1:])
+        backend.step(batch, lr=1e-2, grad_clip=1.0)
     for k in params:
         np.testing.assert_array_equal(params[k], before[k])
 

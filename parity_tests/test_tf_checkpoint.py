@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mapper import tf_checkpoint
 from mapper.checkpoint import CheckpointError, load_checkpoint
 from mapper.config import GPT2Config
+from mapper.formats import openai_tf as tf_checkpoint
 from parity_tests.conftest import FIXTURES
 
 OPENAI_TINY = FIXTURES / "openai_tiny"

@@ -1,2 +1,3 @@
-"""Floor 1: backend-neutral work for the course's jobs: text windows, splits, templates, collation, metrics, the
-learning-rate schedule and the training loop, which drives either backend through ``tasks.training.Backend``."""
+"""Floor 2: backend-neutral work for the course's jobs: text windows, splits, templates, collation, metrics, the
+learning-rate schedule and the training loop, which drives either engine through the small interface
+``tasks.loop.Backend`` and imports neither (they meet in the command and the benchmarks, on floor 3)."""

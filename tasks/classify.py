@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mapper.config import GPT2_EOS_TOKEN_ID
 from tasks.text import encode_plain, read_utf8
 
-PAD_ID = 50256  # <|endoftext|>, GPT-2's only special token, used as padding
+PAD_ID = GPT2_EOS_TOKEN_ID  # 50256, <|endoftext|>, GPT-2's only special token, used as padding
 
 
 def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:

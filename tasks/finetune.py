@@ -1,4 +1,4 @@
-"""The fine-tunes' data as ``tasks.training.Dataset``s, so they train through the one loop ``gpt2 train`` uses.
+"""The fine-tunes' data as ``tasks.loop.Dataset``s, so they train through the one loop ``gpt2 train`` uses.
 
 * :class:`ExampleData` (instruction and reasoning fine-tunes): (token ids, prompt length) examples, batched by
   ``tasks.instruct.collate`` (EOS appended, padding targets ignored, the prompt's targets ignored with
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.batch import Batch, epoch_order, in_order
+from mapper.training import Batch
 from tasks.classify import Split
 from tasks.instruct import collate
+from tasks.order import epoch_order, in_order
 
 TRAINABLE = ("last-block", "all", "lora")
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.batch import Batch, epoch_order, in_order
+from mapper.atomic import atomic_write
+from mapper.training import Batch
+from tasks.order import epoch_order, in_order
 
 EOT = "<|endoftext|>"
 
@@ -126,8 +128,6 @@ class TextData:
 
     def save_cache(self) -> None:
         """Write the token ids that were tokenized now (not read from the cache), atomically."""
-        from mapper.checkpoint import atomic_write
-
         for path, ids in self.pending_cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f, ids=ids: np.save(f, ids, allow_pickle=False))
@@ -137,7 +137,7 @@ class TextData:
         return len(self.train)
 
     def train_batch(self, indices: np.ndarray) -> Batch:
-        """``tasks.training.Batch`` of training windows ``indices``: inputs and next-token targets."""
+        """``mapper.training.Batch`` of training windows ``indices``: inputs and next-token targets."""
         tokens, targets = self.train.batch(indices)
         return Batch(tokens, targets)
 
@@ -146,7 +146,7 @@ class TextData:
         return Batch(tokens, targets)
 
     def train_batches(self, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
-        """Epoch ``epoch``'s batches of window indices (``tasks.batch.epoch_order``: seeded, drop_last)."""
+        """Epoch ``epoch``'s batches of window indices (``tasks.order.epoch_order``: seeded, drop_last)."""
         return epoch_order(len(self.train), batch_size, epoch, seed)
 
     def val_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:

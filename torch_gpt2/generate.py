@@ -8,13 +8,13 @@ logits it would get decoded alone.
 
 Next ids come from :class:`mapper.sampling.TokenSelector` applied to the last position's logits as float64
 NumPy, the same code the NumPy spec uses, so both pick identical tokens for the same seed.
-These functions are also ``GPT2.generate`` / ``GPT2.generate_stream``.
+Call them with the model first: ``generate(model, prompts, max_new_tokens, ...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,28 +22,7 @@ import torch
 from mapper.config import GPT2Config
 from mapper.sampling import TokenSelector
 from mapper.tokens import check_generation, check_tokens
-
-if TYPE_CHECKING:
-    from torch_gpt2.model import GPT2
-
-
-class KVCache:
-    """Preallocated keys and values of every layer: ``k``, ``v`` [L, B, NH, max_len, hs].
-
-    Each step writes its keys/values in place at their slots and attention reads the filled prefix,
-    so nothing is concatenated or reallocated while decoding.
-    """
-
-    def __init__(
-        self, config: GPT2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of layer ``i``'s keys and values, each [B, NH, max_len, hs]."""
-        return self.k[i], self.v[i]
+from torch_gpt2.model import GPT2, KVCache
 
 
 def _is_int(x: Any) -> bool:

@@ -32,7 +32,6 @@ from mapper.layouts import check_attention_layout, check_lora_layout, from_modul
 from mapper.lora import LoraConfig, init_lora_params
 from mapper.schema import init_params, validate_params
 from mapper.tokens import IGNORE_INDEX, check_labels, check_lengths, check_targets, check_token_shape, check_tokens
-from torch_gpt2.generate import KVCache, generate, generate_stream
 from torch_gpt2.onednn import linear
 
 ATTN_IMPLS = ("sdpa", "math")
@@ -71,6 +70,25 @@ def resolve_device(device: str | torch.device | None, dtype: torch.dtype = torch
     elif dev.type != "cpu":
         raise ValueError(f"device {device!r}: this project runs on cpu, cuda or mps")
     return dev
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: ``k``, ``v`` [L, B, NH, max_len, hs].
+
+    Each step writes its keys/values in place at their slots and attention reads the filled prefix,
+    so nothing is concatenated or reallocated while decoding.
+    """
+
+    def __init__(
+        self, config: GPT2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer ``i``'s keys and values, each [B, NH, max_len, hs]."""
+        return self.k[i], self.v[i]
 
 
 class Linear(nn.Linear):
@@ -226,8 +244,8 @@ class GPT2(nn.Module):
     runs forward and decoding under ``torch.autocast``. ``onednn_linear`` (default True) lets float32 CPU
     inference use oneDNN's matmul (:mod:`torch_gpt2.onednn`; it is used only where it exists and was checked).
     ``lora`` (a :class:`mapper.LoraConfig`, or None) gives the targeted linears LoRA adapters (:class:`Linear`).
-    Build one with :meth:`from_params` or :meth:`from_config`; ``generate`` / ``generate_stream`` are
-    :mod:`torch_gpt2.generate`'s functions.
+    Build one with :meth:`from_params` or :meth:`from_config`; decode with :func:`torch_gpt2.generate` /
+    :func:`torch_gpt2.generate_stream` (``generate(model, prompts, max_new_tokens, ...)``).
     """
 
     def __init__(
@@ -456,17 +474,15 @@ class GPT2(nn.Module):
             fn = self._compiled_forward or self._logits_and_loss
             return fn(tokens, targets)
 
-    def loss_and_grads(
-        self, tokens: np.ndarray, targets: np.ndarray
-    ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
-        """NumPy in, NumPy out, like ``numpy_gpt2.loss_and_grads``: (logits [B, T, V], mean loss, the gradient of
-        every parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared);
-        a classification head, which this loss does not use, gets zeros."""
+    def loss_and_grads(self, tokens: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """NumPy in, NumPy out, the shape of ``numpy_gpt2.loss_and_grads``: (mean loss, the gradient of every
+        parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared); a
+        classification head, which this loss does not use, gets zeros."""
         self.zero_grad(set_to_none=True)
-        logits, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device))
+        _, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device))
         loss.backward()
         self._zero_unused_grads()
-        return logits.detach().cpu().numpy(), float(loss.detach()), self.grads_to_params()
+        return float(loss.detach()), self.grads_to_params()
 
     def _zero_unused_grads(self) -> None:
         """Zeros as the gradient of every trainable parameter the last backward did not reach (a head that loss
@@ -510,15 +526,12 @@ class GPT2(nn.Module):
 
     def classify_loss_and_grads(
         self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray
-    ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
-        """NumPy in, NumPy out, like ``numpy_gpt2.classify_loss_and_grads``: (class logits [B, n_classes], mean
-        loss, the gradient of every parameter in the canonical schema; an untied ``lm_head`` gets zeros)."""
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """NumPy in, NumPy out, the shape of ``numpy_gpt2.classify_loss_and_grads``: (mean loss, the gradient of
+        every parameter in the canonical schema; an untied ``lm_head`` gets zeros)."""
         self.zero_grad(set_to_none=True)
-        logits, loss = self.classify_loss(self.to_device(tokens), lengths, labels)
+        _, loss = self.classify_loss(self.to_device(tokens), lengths, labels)
         loss.backward()
         self._zero_unused_grads()
-        return logits.detach().cpu().numpy(), float(loss.detach()), self.grads_to_params()
+        return float(loss.detach()), self.grads_to_params()
 
-    # decoding (KV cache, ragged batches, sampling) lives in torch_gpt2/generate.py
-    generate = generate
-    generate_stream = generate_stream

@@ -1,17 +1,17 @@
-"""Training utilities for the torch engine: AdamW groups and one optimizer step (the schedule: tasks.schedule)."""
+"""The torch engine's optimizer utilities: AdamW with the project's weight-decay rule, and one optimizer step
+(gradient accumulation, the non-finite loss check, clipping, fp16 loss scaling)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from tasks.schedule import lr_at
+from mapper.training import check_finite_loss, decays
 
-__all__ = ["configure_adamw", "lr_at", "micro_batch_loss", "train_step"]
+__all__ = ["configure_adamw", "gradient_norm", "micro_batch_loss", "train_step"]
 
 
 def configure_adamw(
@@ -22,7 +22,7 @@ def configure_adamw(
     eps: float = 1e-8,
     decay: str = "matrices",
 ) -> torch.optim.AdamW:
-    """AdamW whose weight decay follows ``decay``, as ``numpy_gpt2.AdamW`` does.
+    """AdamW whose weight decay follows the rule ``decay`` (``mapper.training.decays``), as ``numpy_gpt2.AdamW``'s.
 
     ``decay="matrices"``: decay on matrices and embeddings (dim >= 2) only, never on biases or LayerNorm gains
     (GPT-2 / nanoGPT); ``"all"``: every tensor, what ``torch.optim.AdamW(model.parameters())`` does.
@@ -30,11 +30,9 @@ def configure_adamw(
     10 ms per step for GPT-2's wte where the single-tensor implementation took 139 ms (that one allocates
     ``sqrt(v) / c`` and more per tensor), and it agrees with the NumPy spec's AdamW to 1 ulp in float64.
     """
-    if decay not in ("matrices", "all"):
-        raise ValueError(f"decay must be 'matrices' or 'all', got {decay!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    decayed = [p for p in params if decay == "all" or p.dim() >= 2]
-    kept = [p for p in params if not (decay == "all" or p.dim() >= 2)]
+    decayed = [p for p in params if decays(p.dim(), decay)]
+    kept = [p for p in params if not decays(p.dim(), decay)]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
@@ -95,16 +93,28 @@ def train_step(
     if reduce_loss is not None:
         total_loss = reduce_loss(total_loss)
     mean_loss = float(total_loss) / len(micro_batches)
-    if not math.isfinite(mean_loss):
+    try:
+        check_finite_loss(mean_loss)
+    except FloatingPointError:
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"the loss is {mean_loss}; the optimizer step was skipped, parameters unchanged")
+        raise
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf,
-                                               foreach=True)
+    if grad_clip is None:
+        grad_norm = gradient_norm(model.parameters())
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     return {"loss": mean_loss, "grad_norm": float(grad_norm), "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def gradient_norm(parameters) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (what ``clip_grad_norm_`` returns), without clipping."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))

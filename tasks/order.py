@@ -1,27 +1,10 @@
-"""The micro-batch every task hands to a training backend."""
+"""The order in which a task's examples are visited: seeded epochs for training, in order for evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One micro-batch. Language modelling (pretraining, instruction and reasoning fine-tunes) has ``targets``
-    (the next token at each position, ``IGNORE_INDEX`` where no loss is taken); classification has ``lengths``
-    (real tokens per row: the head reads position ``lengths - 1``) and ``labels``."""
-
-    tokens: np.ndarray  # [B, T] int64
-    targets: np.ndarray | None = None  # [B, T] int64
-    lengths: np.ndarray | None = None  # [B] int64
-    labels: np.ndarray | None = None  # [B] int64
-
-    @property
-    def is_classification(self) -> bool:
-        return self.labels is not None
 
 
 def epoch_order(n: int, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:

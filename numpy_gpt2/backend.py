@@ -1,19 +1,18 @@
-"""The NumPy spec as a training backend of ``tasks.training`` (the readable loop's arithmetic, on the fast path)."""
+"""The NumPy spec as a backend of the training loop (``tasks.loop``) and of inference (the loop's interface: one
+optimizer step, a loss, class logits, a greedy continuation, the parameters and the optimizer state in and out)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from mapper.config import GPT2Config
 from mapper.lora import LoraConfig, merge_lora
-from numpy_gpt2.fast import FastAdamW
+from mapper.sampling import cut_at_eos, new_token_budget
+from mapper.training import Batch, check_finite_loss
 from numpy_gpt2.generate import generate
-from numpy_gpt2.model import classify_forward, classify_loss_and_grads, loss, loss_and_grads
+from numpy_gpt2.model import classify, classify_loss_and_grads, loss, loss_and_grads
 from numpy_gpt2.ops import softmax_cross_entropy_forward
-from numpy_gpt2.optim import clip_grad_norm
-from tasks.batch import Batch
+from numpy_gpt2.optim import FastAdamW, clip_grad_norm
 
 
 class NumpyBackend:
@@ -22,26 +21,35 @@ class NumpyBackend:
     Gradient accumulation averages the micro-batches' gradients, as torch does when each micro-batch's mean
     loss is divided by their number. ``trainable`` (canonical names; None: all) limits what AdamW updates: the
     spec computes every gradient and the frozen ones are not used, which is simple to read, not fast.
+    A backend made by :meth:`for_inference` has no optimizer settings and refuses ``step``.
     """
 
     name = "numpy"
     is_main = True
 
-    def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float, decay: str,
+    def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float | None, decay: str,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fast: bool = True,
                  trainable: set[str] | None = None, lora: LoraConfig | None = None) -> None:
         self.config = config
         self.lora = lora
         self._params = {k: np.ascontiguousarray(v).copy() for k, v in params.items()}
         self.trainable = sorted(self._params) if trainable is None else sorted(trainable)
-        self._adamw = dict(betas=betas, eps=eps, weight_decay=weight_decay, decay=decay)
+        self._adamw = None if weight_decay is None else dict(betas=betas, eps=eps, weight_decay=weight_decay,
+                                                               decay=decay)
         self._optimizer: FastAdamW | None = None
         self.fast = fast
 
+    @classmethod
+    def for_inference(cls, config: GPT2Config, params: dict[str, np.ndarray], lora: LoraConfig | None = None
+                      ) -> NumpyBackend:
+        """A backend for losses, class logits and greedy decoding only (``gpt2 classify``, ``gpt2 eval``)."""
+        return cls(config, params, None, "matrices", lora=lora)
+
     @property
     def optimizer(self) -> FastAdamW:
-        """AdamW over the trained parameters, made on first use: a backend used only for inference (``gpt2
-        classify``, ``gpt2 eval``) never allocates its two moments per parameter."""
+        """AdamW over the trained parameters, made on first use, so evaluation never allocates its two moments."""
+        if self._adamw is None:
+            raise ValueError("this backend was made for inference (NumpyBackend.for_inference): it cannot train")
         if self._optimizer is None:
             updated = {k: self._params[k] for k in self.trainable}  # the same arrays: updated in place
             self._optimizer = FastAdamW(updated, lr=0.0, **self._adamw)
@@ -67,12 +75,11 @@ class NumpyBackend:
                 for name, g in grads.items():
                     total[name] += g
         mean_loss = float(np.mean(losses))
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"the loss is {mean_loss}; parameters left unchanged")
+        check_finite_loss(mean_loss)
         if len(micro_batches) > 1:
             for g in total.values():
                 g /= len(micro_batches)
-        norm = clip_grad_norm(total, grad_clip if grad_clip else math.inf)
+        norm = clip_grad_norm(total, grad_clip)
         self.optimizer.step({k: self._params[k] for k in self.trainable}, total, lr=lr)
         return mean_loss, norm
 
@@ -83,15 +90,13 @@ class NumpyBackend:
         return loss(self._params, self.config, batch.tokens, batch.targets, fast=self.fast, lora=self.lora)
 
     def class_logits(self, batch: Batch) -> np.ndarray:
-        return classify_forward(self._params, self.config, batch.tokens, batch.lengths, fast=self.fast,
-                                lora=self.lora)
+        return classify(self._params, self.config, batch.tokens, batch.lengths, fast=self.fast, lora=self.lora)
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
-        n = min(max_new_tokens, self.config.n_positions - len(prompt))
+        n = new_token_budget(len(prompt), max_new_tokens, self.config)
         params = self._params if self.lora is None else merge_lora(self._params, self.lora)  # decoding: plain GPT-2
         out = generate(params, self.config, np.array([prompt]), n, eos_token_id=eos_token_id, fast=self.fast)
-        ids = out[0, len(prompt):].tolist()
-        return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+        return cut_at_eos(out[0, len(prompt):], eos_token_id)
 
     def params(self) -> dict[str, np.ndarray]:
         return self._params

@@ -1,5 +1,5 @@
-"""The torch engine as a training backend of ``tasks.training``, on one process or under ``torchrun`` with
-DistributedDataParallel (gloo on the CPU, nccl on CUDA).
+"""The torch engine as a backend of the training loop (``tasks.loop``) and of inference, on one process or under
+``torchrun`` with DistributedDataParallel (gloo on the CPU, nccl on CUDA).
 
 Distributed: every rank holds the whole model; each takes its share of every micro-batch (rows
 ``rank * B / world`` .. ``(rank + 1) * B / world``), DDP averages the gradients, and the losses are averaged
@@ -10,7 +10,6 @@ samples and writes checkpoints; the others wait at a barrier. Evaluation runs th
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import torch
@@ -18,24 +17,23 @@ import torch
 from mapper.config import GPT2Config
 from mapper.layouts import from_module_state, to_module_state
 from mapper.lora import LoraConfig
-from tasks.batch import Batch
+from mapper.sampling import cut_at_eos, new_token_budget
+from mapper.schema import param_shapes
+from mapper.training import Batch, distributed_world, local_rank
+from torch_gpt2.generate import generate
 from torch_gpt2.model import GPT2
-from torch_gpt2.train import configure_adamw, train_step
+from torch_gpt2.optim import configure_adamw, train_step
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def distributed_world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 class TorchBackend:
-    """A ``GPT2`` module, AdamW (``configure_adamw``), and DDP when ``torchrun`` started several processes."""
+    """A ``GPT2`` module, AdamW (``configure_adamw``), and DDP when ``torchrun`` started several processes.
+    A backend made by :meth:`for_inference` has no optimizer and refuses ``step``."""
 
     name = "torch"
 
-    def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float, decay: str,
+    def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float | None, decay: str,
                  device: str | None = None, dtype: str = "float32", autocast: str | None = None,
                  compile: bool = False, attention: str = "fused", betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, trainable: set[str] | None = None, lora: LoraConfig | None = None) -> None:
@@ -47,7 +45,7 @@ class TorchBackend:
             backend = "nccl" if (device or "").startswith("cuda") else "gloo"
             torch.distributed.init_process_group(backend)
         if self.world > 1 and (device or "").startswith("cuda") and ":" not in device:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
+            device = f"cuda:{local_rank()}"
         np_params = {k: v.astype(dtype, copy=False) for k, v in params.items()}
         self.model = GPT2.from_params(np_params, config, attention, device=device,
                                       autocast_dtype=AUTOCAST[autocast] if autocast else None, compile=compile,
@@ -60,8 +58,8 @@ class TorchBackend:
                 raise ValueError(f"no such parameters to train: {missing[:5]}")
             for name, p in named.items():
                 p.requires_grad_(name in trainable)
-        self.optimizer = configure_adamw(self.model, lr=0.0, weight_decay=weight_decay, betas=betas, eps=eps,
-                                         decay=decay)
+        self.optimizer = None if weight_decay is None else configure_adamw(
+            self.model, lr=0.0, weight_decay=weight_decay, betas=betas, eps=eps, decay=decay)
         self.scaler = torch.amp.GradScaler(self.model.device.type) if autocast == "fp16" else None
         self.trained = self.model
         if self.world > 1:
@@ -69,6 +67,17 @@ class TorchBackend:
 
             ids = [self.model.device.index] if self.model.device.type == "cuda" else None
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
+
+    @classmethod
+    def for_inference(cls, config: GPT2Config, params: dict[str, np.ndarray], device: str | None = None,
+                      dtype: str = "float32", lora: LoraConfig | None = None) -> TorchBackend:
+        """A backend for losses, class logits and greedy decoding only (``gpt2 classify``, ``gpt2 eval``)."""
+        return cls(config, params, None, "matrices", device=device, dtype=dtype, lora=lora)
+
+    def _trainer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise ValueError("this backend was made for inference (TorchBackend.for_inference): it cannot train")
+        return self.optimizer
 
     # ------------------------------------------------------------------ the loop's interface
 
@@ -101,7 +110,7 @@ class TorchBackend:
     def step(self, micro_batches: list[Batch], lr: float, grad_clip: float | None) -> tuple[float, float]:
         batches = [self._device_batch(b) for b in micro_batches]
         with self.model.autocast_context() if self.scaler is None else contextlib.nullcontext():
-            stats = train_step(self.trained, self.optimizer, batches, lr=lr, grad_clip=grad_clip, scaler=self.scaler,
+            stats = train_step(self.trained, self._trainer(), batches, lr=lr, grad_clip=grad_clip, scaler=self.scaler,
                                reduce_loss=self._all_ranks_mean)
         return stats["loss"], stats["grad_norm"]
 
@@ -120,21 +129,11 @@ class TorchBackend:
         return logits.double().cpu().numpy()
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
-        n = min(max_new_tokens, self.config.n_positions - len(prompt))
-        ids = self.model.generate(prompt, n, eos_token_id=eos_token_id)[len(prompt):]
-        return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+        n = new_token_budget(len(prompt), max_new_tokens, self.config)
+        return cut_at_eos(generate(self.model, prompt, n, eos_token_id=eos_token_id)[len(prompt):], eos_token_id)
 
     def params(self) -> dict[str, np.ndarray]:
         return self.model.to_params()
-
-    def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        from mapper.lora import lora_param_shapes
-        from mapper.schema import param_shapes
-
-        shapes = dict(param_shapes(self.config))
-        if self.lora is not None:
-            shapes.update(lora_param_shapes(self.config, self.lora))
-        return shapes
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """AdamW's moments of the trained parameters, mapped to the canonical schema like the weights (the
@@ -143,9 +142,9 @@ class TorchBackend:
         m = {name: np.zeros(p.shape, dtype=self._np_dtype) for name, p in self.model.named_parameters()}
         v = {name: np.zeros(p.shape, dtype=self._np_dtype) for name, p in self.model.named_parameters()}
         steps = set()
-        for group in self.optimizer.param_groups:
+        for group in self._trainer().param_groups:
             for p in group["params"]:
-                state = self.optimizer.state.get(p)
+                state = self._trainer().state.get(p)
                 if not state:  # no step taken yet
                     steps.add(0)
                     continue
@@ -163,7 +162,7 @@ class TorchBackend:
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         t = int(state["t"][0])
         moments = {}
-        shapes = self._canonical_shapes()
+        shapes = param_shapes(self.config, self.lora)
         for prefix in ("m.", "v."):
             canonical = {k: np.zeros(shape, dtype=self._np_dtype) for k, shape in shapes.items()}
             canonical.update({k[len(prefix):]: a for k, a in state.items() if k.startswith(prefix)})
@@ -171,7 +170,7 @@ class TorchBackend:
         for name, p in self.model.named_parameters():
             if not p.requires_grad:  # frozen: AdamW holds no state for it
                 continue
-            self.optimizer.state[p] = {
+            self._trainer().state[p] = {
                 "step": torch.tensor(float(t), dtype=torch.float32, device=p.device if self._fused else "cpu"),
                 "exp_avg": torch.from_numpy(moments["m."][name]).to(device=p.device, dtype=p.dtype),
                 "exp_avg_sq": torch.from_numpy(moments["v."][name]).to(device=p.device, dtype=p.dtype),
@@ -187,7 +186,7 @@ class TorchBackend:
 
     @property
     def _fused(self) -> bool:
-        return bool(self.optimizer.defaults.get("fused"))
+        return bool(self._trainer().defaults.get("fused"))
 
 
 def finish() -> None:

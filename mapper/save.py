@@ -1,0 +1,112 @@
+"""Writing checkpoints: a model in Hugging Face's layout or the torch engine's, and LoRA adapters on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mapper.atomic import atomic_write
+from mapper.config import GPT2Config
+from mapper.errors import CheckpointError
+from mapper.formats.safetensors_file import load_tensors, save_tensors, write_safetensors
+from mapper.layouts import ATTENTION_LAYOUTS, to_module_state
+from mapper.lora import LoraConfig, check_lora_params, is_lora_key
+from mapper.schema import param_shapes, validate_params
+
+HF_PREFIX = "transformer."
+LAYOUT_KEY = "gpt2_layout"  # metadata / config.json field naming a torch-module layout (custom or fused)
+LORA_METADATA_KEY = "gpt2_lora"  # safetensors metadata of an adapters file: the LoraConfig as JSON
+
+
+def save_checkpoint(
+    params: dict[str, np.ndarray], config: GPT2Config, path: str | os.PathLike[str], *, fmt: str = "hf"
+) -> Path:
+    """Write ``params`` (canonical schema, float32/float64) to the directory ``path``; return it.
+
+    ``fmt="hf"`` (default) is described below. ``fmt="custom"`` / ``"fused"`` writes the torch engine's module
+    state instead (``mapper.layouts``; nn.Linear ``[out, in]`` matrices, split or fused q/k/v), with the layout
+    in the safetensors metadata and config.json (``"gpt2_layout"``); ``load_checkpoint`` reads it back.
+
+    Writes ``model.safetensors`` in Hugging Face's names and layout (``transformer.`` prefix on the body,
+    ``lm_head.weight`` only when untied, ``score.weight`` transposed to nn.Linear's [n_classes, C], no bias, so
+    ``transformers.GPT2ForSequenceClassification.from_pretrained`` reads a classifier; its config.json carries
+    ``pad_token_id``), metadata ``{"format": "pt"}``, and ``config.json``; each file atomically (temp file in
+    the same directory, fsync, rename), so a crash leaves the old file or the new one, never half of one.
+
+    Parameters holding LoRA adapters are refused (module docstring): merge them first (``mapper.merge_lora``),
+    or write the adapters alone with :func:`save_lora_adapters`.
+    """
+    if fmt not in ("hf", *ATTENTION_LAYOUTS):
+        raise CheckpointError(f"unknown checkpoint layout {fmt!r}; choose 'hf', 'custom' or 'fused'")
+    directory = Path(path)
+    adapters = [k for k in params if is_lora_key(k)]
+    if adapters:
+        raise CheckpointError(
+            f"cannot save to {directory}: the parameters hold {len(adapters)} LoRA adapter tensor(s) ({adapters[0]}, "
+            "...), which transformers and every GPT-2 loader would ignore. Save mapper.merge_lora(params, lora) for "
+            "a plain GPT-2, or the adapters alone with mapper.save_lora_adapters(params, lora, path)"
+        )
+    try:
+        validate_params(params, config)
+    except ValueError as e:
+        raise CheckpointError(f"cannot save to {directory}: {e}") from None
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save to {directory}: it exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, np.ndarray] = {}
+    metadata = {"format": "pt"}
+    config_dict = config.to_hf_dict()
+    if fmt == "hf":
+        for name in param_shapes(config):
+            if name == "score.weight":
+                tensors[name] = params[name].T  # canonical [C, n_classes] -> nn.Linear [n_classes, C]
+            elif name == "lm_head.weight":
+                tensors[name] = params[name]
+            else:
+                tensors[HF_PREFIX + name] = params[name]
+    else:  # the torch engine's own module state; the layout is recorded so the loader can undo it
+        tensors = to_module_state(params, config, fmt)
+        metadata[LAYOUT_KEY] = fmt
+        config_dict[LAYOUT_KEY] = fmt
+    atomic_write(directory / "model.safetensors", lambda f: write_safetensors(f, tensors, metadata))
+    config_bytes = (json.dumps(config_dict, indent=2) + "\n").encode()
+    atomic_write(directory / "config.json", lambda f: f.write(config_bytes))
+    return directory
+
+
+def save_lora_adapters(
+    params: dict[str, np.ndarray], lora: LoraConfig, path: str | os.PathLike[str]
+) -> Path:
+    """Write the LoRA adapters of ``params`` (canonical names and ``[in, out]`` orientation; any other key is
+    left out) to the safetensors file ``path``, with ``lora`` in its metadata; atomically. Returns the path.
+
+    The adapters must be complete for ``lora`` (every target layer of every block). Their base model is saved
+    separately (``save_checkpoint`` of the params without adapters), usually once.
+    """
+    try:
+        check_lora_params(params, lora)
+    except ValueError as e:
+        raise CheckpointError(f"cannot save LoRA adapters to {path}: {e}") from None
+    adapters = {k: v for k, v in params.items() if is_lora_key(k)}
+    save_tensors(path, adapters, {LORA_METADATA_KEY: json.dumps(lora.to_dict())})
+    return Path(path)
+
+
+def load_lora_adapters(path: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """What :func:`save_lora_adapters` wrote: ``(lora, adapters)``; add them to the base parameters with
+    ``{**params, **adapters}`` (``validate_params(params, config, lora)`` then checks that they fit)."""
+    tensors, metadata = load_tensors(path)
+    if LORA_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is not a LoRA adapters file: its metadata has no {LORA_METADATA_KEY!r}")
+    try:
+        lora = LoraConfig.from_dict(json.loads(metadata[LORA_METADATA_KEY]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unusable LoRA settings in its metadata ({e})") from None
+    foreign = [k for k in tensors if not is_lora_key(k)]
+    if foreign:
+        raise CheckpointError(f"{path} holds tensors that are not LoRA adapters: {', '.join(foreign[:4])}")
+    return lora, tensors
