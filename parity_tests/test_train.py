@@ -262,7 +262,7 @@ def _bad_cases(text: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "empty file": (["--data", str(empty)], "is empty"),
         "not UTF-8": (["--data", str(latin1)], "is not UTF-8"),
         "shorter than a window": (["--data", str(short)], "fewer than one batch"),
-        "context above n_positions": (["--data", str(text), "--context", "33"], "exceeds the model's context of 32 positions"),
+        "context above n_positions": (["--data", str(text), "--context", "33"], "model's context of 32 positions"),
         "autocast in float64": (["--data", str(text), "--backend", "torch", "--autocast", "bf16", "--dtype",
                                  "float64"], "--autocast needs --dtype float32"),
         "torch flag on numpy": (["--data", str(text), "--device", "cpu"], "--device is a torch option"),
