@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mapper.config import PRESETS, GPT2Config
+from mapper.config import INITS, PRESETS, GPT2Config, check_dropout
 from mapper.errors import TokenizerError
 
 # The default shape of commands that work on small models (gradcheck).
 TINY_DEFAULT = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: bool = True) -> None:
-    """--weights / --preset / --config."""
+def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: bool = True,
+                   dropout: bool = False) -> None:
+    """--weights / --preset / --config / --init (and --dropout for commands that train or compare training)."""
     if weights:
         parser.add_argument("--weights", metavar="PATH",
                             help="a checkpoint file or folder in any format `gpt2 convert` reads (HF safetensors or "
@@ -24,6 +25,15 @@ def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: 
     parser.add_argument("--config", metavar="SPEC",
                         help="a config JSON file (Hugging Face config.json or this project's fields), or overrides "
                              "such as 'n_layer=2,n_embd=64' applied to the preset or default")
+    parser.add_argument("--init", choices=list(INITS), default=None,
+                        help="how a fresh model is drawn: gpt2 (GPT-2's initialisation; the default) or course (the "
+                             "book's GPTModel: PyTorch's default initialisation, an untied head without bias, no "
+                             "q/k/v bias, dropout 0.1; 163,009,536 parameters in the 124M shape)")
+    if dropout:
+        parser.add_argument("--dropout", type=probability, default=None, metavar="P",
+                            help="dropout probability while training, after the embeddings, on the attention "
+                                 "weights and on both residual branches (default: 0.1 with --init course, else 0; "
+                                 "a checkpoint's own pdrop fields are not used)")
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +41,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a dropout probability in [0, 1)."""
+    try:
+        value = float(text)
+        check_dropout("dropout", value)
+    except ValueError:  # float() or check_dropout (a ConfigError is a ValueError)
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
     return value
 
 

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character to continue")
 
-    source = resolve_model(args.weights, args.preset, args.config, args.dtype, args.seed or 0)
+    source = resolve_model(args.weights, args.preset, args.config, args.dtype, args.seed or 0, init=args.init)
     config, params, origin = source.config, source.params, source.description
     if max(prompt) >= config.vocab_size:
         raise ValueError(f"the prompt encodes to id {max(prompt)}, outside this model's vocabulary of "

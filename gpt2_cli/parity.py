@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from gpt2_cli.common import add_model_args, positive_int
+from mapper.dropout import DropoutMasks, draw_dropout_masks
 from mapper.models import resolve_model
 from mapper.parity import TOLERANCES, Comparison, ModelOutputs, compare_outputs
 from mapper.tokens import check_fits_context
@@ -23,9 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the same batch through the NumPy spec and the torch engine in both attention layouts, "
         "forward and backward, and print max absolute/relative differences of the logits, the loss and every "
         "gradient. Exits 1 if any exceeds its tolerance (mapper/parity.py). Default: the GPT-2 124M shape with "
-        "GPT-2's seeded initialisation in float64 (no download).",
+        "GPT-2's seeded initialisation in float64 (no download). A model with dropout (--init course, --dropout) is "
+        "compared as it trains: both backends drop with the same masks, drawn from --seed.",
     )
-    add_model_args(p, "gpt2, i.e. the 124M shape")
+    add_model_args(p, "gpt2, i.e. the 124M shape", dropout=True)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="arithmetic of both backends (default float64: agreement to round-off)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda > mps > cpu)")
@@ -53,17 +55,21 @@ def run(args: argparse.Namespace) -> int:
 
     torch_dtype = torch.float64 if args.dtype == "float64" else torch.float32
     device = resolve_device(args.device, torch_dtype)  # a device torch cannot use fails here, before any work
-    source = resolve_model(args.weights, args.preset, args.config, args.dtype, args.seed)
+    source = resolve_model(args.weights, args.preset, args.config, args.dtype, args.seed, init=args.init,
+                           dropout=args.dropout)
     config, params, origin = source.config, source.params, source.description
     check_fits_context("--seq", args.seq, config)
     rng = np.random.default_rng(args.seed)
     data = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1))
     tokens, targets = data[:, :-1], data[:, 1:]
+    masks = draw_dropout_masks(config, args.batch, args.seq, rng) if config.has_dropout else None
+    dropout = "" if masks is None else (f", dropout {config.embd_pdrop:g}/{config.attn_pdrop:g}/{config.resid_pdrop:g} "
+                                        "(embeddings/attention/residual) with the same masks on both backends")
     print(f"parity: {origin}; {config.n_layer} layers, C={config.n_embd}, NH={config.n_head}, V={config.vocab_size}; "
-          f"{args.dtype}, batch {args.batch}x{args.seq}, torch on {device}", flush=True)
+          f"{args.dtype}, batch {args.batch}x{args.seq}, torch on {device}{dropout}", flush=True)
 
     start = stage("numpy spec: forward + backward")
-    ref = ModelOutputs(*_numpy_outputs(numpy_gpt2, params, config, tokens, targets))
+    ref = ModelOutputs(*_numpy_outputs(numpy_gpt2, params, config, tokens, targets, masks))
     done(start, ref.loss)
     results: dict[str, list[Comparison]] = {}
     for layout in LAYOUTS:
@@ -71,23 +77,24 @@ def run(args: argparse.Namespace) -> int:
         # float64 takes the written-out attention: SDPA's kernels may reorder sums on some devices
         model = GPT2.from_params(params, config, layout, device=device,
                                  attn_impl="math" if args.dtype == "float64" else "sdpa")
-        got = ModelOutputs(_torch_logits(model, tokens), *model.loss_and_grads(tokens, targets))
+        got = ModelOutputs(_torch_logits(model, tokens, masks), *model.loss_and_grads(tokens, targets, masks))
         done(start, got.loss)
         results[layout] = compare_outputs(got, ref, TOLERANCES[args.dtype])
         del model
     return report(results)
 
 
-def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+def _torch_logits(model, tokens: np.ndarray, masks: DropoutMasks | None) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(model.to_device(tokens)).cpu().numpy()
+        return model(model.to_device(tokens), dropout_masks=masks).cpu().numpy()
 
 
-def _numpy_outputs(numpy_gpt2, params, config, tokens, targets) -> tuple[np.ndarray, float, dict]:
-    logits = numpy_gpt2.forward(params, config, tokens)
-    loss, grads = numpy_gpt2.loss_and_grads(params, config, tokens, targets)
+def _numpy_outputs(numpy_gpt2, params, config, tokens, targets, masks: DropoutMasks | None
+                   ) -> tuple[np.ndarray, float, dict]:
+    logits = numpy_gpt2.forward(params, config, tokens, dropout_masks=masks)
+    loss, grads = numpy_gpt2.loss_and_grads(params, config, tokens, targets, dropout_masks=masks)
     return logits, loss, grads
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gpt2_cli.common import add_model_args, load_tokenizer_for, non_negative_int, positive_int
 from mapper.models import resolve_model
+from mapper.schema import count_params
 from mapper.tokens import check_fits_context
 from mapper.training import distributed_world
 
@@ -59,7 +60,7 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_ev
                    "unless --resume)")
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
                    help="the NumPy spec (readable loop) or the torch engine")
-    add_model_args(p, "gpt2, the 124M shape", weights=False)
+    add_model_args(p, "gpt2, the 124M shape", weights=False, dropout=True)
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights instead of the seeded init")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"{what} per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -113,7 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
 def model_config(args: argparse.Namespace):
     """(config, params or None, init): the seeded init waits until every check has passed."""
     source = resolve_model(args.init_from, args.preset, args.config, args.dtype, args.seed, materialize=False,
-                           weights_flag="--init-from")
+                           weights_flag="--init-from", init=args.init, dropout=args.dropout)
     return source.config, source.params, source.init
 
 
@@ -136,11 +137,12 @@ def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] |
             from numpy_gpt2.backend import NumpyBackend
 
             return NumpyBackend(config, {k: v.astype(args.dtype, copy=False) for k, v in params.items()},
-                                args.weight_decay, args.decay, trainable=trainable, lora=lora)
+                                args.weight_decay, args.decay, trainable=trainable, lora=lora, seed=args.seed)
         from torch_gpt2.backend import TorchBackend
 
         return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
-                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora)
+                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora,
+                            seed=args.seed)
 
     return make_backend
 
@@ -170,8 +172,8 @@ def execute(command: str, args: argparse.Namespace, run_args, data, encoder, con
                          f"set holds {data.n_train}")
     total = loop.planned_steps(data, run_args)
     say(f"gpt2 {command}: {args.backend} on {run_args.device}, {config.n_layer} layers x {config.n_embd}, "
-        f"{run_args.init}; {description}; {total} steps" + (f" over {world} processes" if world > 1 else ""),
-        file=sys.stderr)
+        f"{count_params(config):,} parameters, {model_words(config, run_args.init)}; {description}; {total} steps"
+        + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
     try:
         progress = loop.run(run_args, data, Path(args.out), encoder, config, params, make_backend,
                             resume=args.resume, stop_after=args.stop_after, show_progress=not args.quiet)
@@ -188,6 +190,16 @@ def execute(command: str, args: argparse.Namespace, run_args, data, encoder, con
     say(f"gpt2 {command}: done, {progress.step} steps in {progress.elapsed:.1f} s ({summary}); model in {args.out}",
         file=sys.stderr)
     return progress
+
+
+def model_words(config, init: str) -> str:
+    """The run's model in words: where it starts and its dropout, e.g. "the course's init (seed 123), dropout 0.1"."""
+    if init.startswith("seed "):  # a fresh model (mapper.models.resolve_model); else the checkpoint's path
+        start = ("GPT-2 init" if config.init == "gpt2" else "the course's init") + f" ({init})"
+    else:
+        start = f"from {init}"
+    rates = sorted({config.embd_pdrop, config.attn_pdrop, config.resid_pdrop})
+    return start + (f", dropout {'/'.join(f'{p:g}' for p in rates)}" if config.has_dropout else "")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,12 @@ GPT2_CONTEXT = 1024
 GPT2_EOS_TOKEN_ID = 50256
 # config.json field of a model without the q/k/v bias; transformers ignores it and reads the zero bias in the file
 QKV_BIAS_KEY = "gpt2_qkv_bias"
+# config.json field naming the initialisation of a model that was not drawn with GPT-2's (transformers ignores it)
+INIT_KEY = "gpt2_init"
+# How a fresh model's parameters are drawn (mapper.schema.init_params): GPT-2's, or the course's GPTModel's
+INITS = ("gpt2", "course")
+COURSE_DROPOUT = 0.1  # the book's drop_rate
+DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,13 @@ class GPT2Config:
     has a classification head ``score.weight`` [C, n_classes] without bias (Hugging Face's
     ``GPT2ForSequenceClassification``), read at the last real token of each row; its ``config.json`` carries
     ``pad_token_id`` (the EOS id), which is how transformers finds that token in right-padded rows.
+
+    ``init``: how a fresh model is drawn (``mapper.schema.init_params``): "gpt2" (GPT-2's) or "course" (the book's
+    ``GPTModel``: PyTorch's default initialisation; :meth:`with_init` also unties the head, drops the q/k/v bias
+    and sets dropout 0.1). ``embd_pdrop``, ``attn_pdrop``, ``resid_pdrop``: dropout probabilities while training,
+    named as in Hugging Face's config, at the three places both GPT-2 and the course put it: after the
+    embeddings, on the attention weights after the softmax, and on each residual branch (attention's and the
+    MLP's output) before it is added. They are 0 unless asked for; evaluation and decoding never drop anything.
     """
 
     vocab_size: int = GPT2_VOCAB_SIZE
@@ -54,6 +67,10 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     n_classes: int | None = None
     qkv_bias: bool = True
+    init: str = "gpt2"
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -69,6 +86,10 @@ class GPT2Config:
             raise ConfigError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        for name in DROPOUT_FIELDS:
+            check_dropout(name, getattr(self, name))
         if self.n_classes is not None and (
             isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or self.n_classes < 1
         ):
@@ -78,6 +99,24 @@ class GPT2Config:
     def head_dim(self) -> int:
         """hs = C / NH."""
         return self.n_embd // self.n_head
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether training drops anything (any of the three probabilities above 0)."""
+        return any(getattr(self, name) > 0.0 for name in DROPOUT_FIELDS)
+
+    def with_dropout(self, p: float) -> GPT2Config:
+        """A copy with dropout probability ``p`` at all three places."""
+        return self.replace(**dict.fromkeys(DROPOUT_FIELDS, p))
+
+    def with_init(self, init: str) -> GPT2Config:
+        """This shape as the initialisation ``init`` builds it: "gpt2" changes nothing else; "course" is the book's
+        ``GPTModel`` (its chapter 4): an untied output head without bias, no q/k/v bias, dropout 0.1."""
+        if init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        if init == "gpt2":
+            return self.replace(init=init)
+        return self.replace(init=init, tie_word_embeddings=False, qkv_bias=False).with_dropout(COURSE_DROPOUT)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -151,6 +190,8 @@ class GPT2Config:
                 layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
                 tie_word_embeddings=d.get("tie_word_embeddings", True),
                 qkv_bias=d.get(QKV_BIAS_KEY, True),
+                init=d.get(INIT_KEY, "gpt2"),
+                **{name: d.get(name, 0.0) for name in DROPOUT_FIELDS},
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
@@ -183,9 +224,9 @@ class GPT2Config:
             "n_inner": None,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": self.layer_norm_epsilon,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
+            "resid_pdrop": self.resid_pdrop,
+            "embd_pdrop": self.embd_pdrop,
+            "attn_pdrop": self.attn_pdrop,
             "initializer_range": 0.02,
             "scale_attn_weights": True,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -195,6 +236,8 @@ class GPT2Config:
         if not self.qkv_bias:
             # Hugging Face's GPT-2 has no switch for it: the file holds a zero c_attn.bias, which computes the same
             d[QKV_BIAS_KEY] = False
+        if self.init != "gpt2":
+            d[INIT_KEY] = self.init
         if self.n_classes is not None:
             d["architectures"] = ["GPT2ForSequenceClassification"]
             d["num_labels"] = self.n_classes
@@ -216,3 +259,9 @@ class GPT2Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (our own checkpoints store this)."""
         return dataclasses.asdict(self)
+
+
+def check_dropout(name: str, p: Any) -> None:
+    """``ConfigError`` unless ``p`` is a dropout probability, a number in [0, 1) (1 would drop everything)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1), got {p!r}")

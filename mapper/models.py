@@ -1,7 +1,9 @@
-"""Where a command's model comes from: a checkpoint, or GPT-2's seeded initialisation of a preset or config.
+"""Where a command's model comes from: a checkpoint, or a seeded initialisation (GPT-2's or the course's) of a
+preset or config.
 
-One function for every command, so ``--weights`` / ``--init-from`` / ``--preset`` / ``--config`` mean the same
-everywhere. The initialisation can wait (``materialize=False``) until the caller's other checks have passed.
+One function for every command, so ``--weights`` / ``--init-from`` / ``--preset`` / ``--config`` / ``--init`` /
+``--dropout`` mean the same everywhere. The initialisation can wait (``materialize=False``) until the caller's
+other checks have passed.
 """
 
 from __future__ import annotations
@@ -28,20 +30,31 @@ class ResolvedModel:
 
 
 def resolve_model(weights: str | None, preset: str | None, config_spec: str | None, dtype: str, seed: int,
-                  materialize: bool = True, weights_flag: str = "--weights") -> ResolvedModel:
-    """A checkpoint (``weights``, cast to ``dtype``), or GPT-2's init from ``seed`` of ``preset`` and/or
-    ``config_spec`` (``GPT2Config.from_spec``; default the 124M shape ``gpt2`` unless the spec is a config file).
-    ``weights_flag`` names the flag in the one-line error for giving both."""
+                  materialize: bool = True, weights_flag: str = "--weights", init: str | None = None,
+                  dropout: float | None = None) -> ResolvedModel:
+    """A checkpoint (``weights``, cast to ``dtype``), or a fresh model from ``seed`` of ``preset`` and/or
+    ``config_spec`` (``GPT2Config.from_spec``; default the 124M shape ``gpt2`` unless the spec is a config file),
+    drawn as ``init`` says (``GPT2Config.with_init``: "gpt2" or "course"; None: as the config says, GPT-2's by
+    default). ``dropout`` sets all three dropout probabilities; None keeps a fresh config's (0.1 for the course's
+    model, else what the config says) and gives a checkpoint none (its config.json's record of how it was trained
+    before is not repeated unless asked). ``weights_flag`` names the flag in the one-line errors."""
     if weights:
         if preset or config_spec:
             raise ValueError(f"give either {weights_flag} or --preset/--config, not both")
+        if init:
+            raise ValueError(f"--init {init} draws a fresh model; {weights_flag} starts from trained weights: give one")
         config, params = load_checkpoint(weights)
         path = str(Path(weights).resolve())
-        return ResolvedModel(config, {k: v.astype(dtype, copy=False) for k, v in params.items()}, path,
-                             f"weights {weights}")
+        return ResolvedModel(config.with_dropout(dropout or 0.0),
+                             {k: v.astype(dtype, copy=False) for k, v in params.items()}, path, f"weights {weights}")
     spec_is_file = bool(config_spec) and Path(config_spec).is_file()
     preset = preset or (None if spec_is_file else "gpt2")  # overrides apply to the 124M shape by default
     config = GPT2Config.from_spec(preset, config_spec)
+    if init:
+        config = config.with_init(init)
+    if dropout is not None:
+        config = config.with_dropout(dropout)
     name = " + ".join(part for part in (preset, config_spec) if part)
     params = init_params(config, seed, dtype) if materialize else None
-    return ResolvedModel(config, params, f"seed {seed}", f"{name} shape, GPT-2 init (seed {seed}), no download")
+    how = "GPT-2 init" if config.init == "gpt2" else "the course's init"
+    return ResolvedModel(config, params, f"seed {seed}", f"{name} shape, {how} (seed {seed}), no download")

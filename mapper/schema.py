@@ -76,28 +76,54 @@ def count_params(config: GPT2Config) -> int:
 
 
 def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.float32) -> dict[str, np.ndarray]:
-    """GPT-2's initialisation, reproducible from ``seed``.
+    """A fresh model, reproducible from ``seed``, drawn as ``config.init`` says: "gpt2" (:func:`gpt2_init`) or
+    "course" (:func:`course_init`).
 
-    Weights ~ N(0, 0.02); the residual projections ``attn.c_proj.weight`` and ``mlp.c_proj.weight`` get
-    N(0, 0.02 / sqrt(2 L)) (GPT-2 paper: scale by 1/sqrt(N) the layers that add into the residual stream,
-    two per block); LayerNorm gains are 1; every bias is 0. Values are drawn in float64 and then cast, so
-    a float32 and a float64 model from the same seed hold the same numbers up to rounding.
+    Values are drawn in float64 and then cast, so a float32 and a float64 model from the same seed hold the same
+    numbers up to rounding. Every tensor is drawn in the order of :func:`param_shapes` from one generator.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"parameters must be float32 or float64, got {dtype}")
     rng = np.random.default_rng(seed)
-    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
-    params: dict[str, np.ndarray] = {}
-    for name, shape in param_shapes(config).items():
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            params[name] = np.ones(shape, dtype=dtype)
-        elif name.endswith(".bias"):
-            params[name] = np.zeros(shape, dtype=dtype)
-        else:
-            std = residual_std if name.endswith("c_proj.weight") else 0.02
-            params[name] = (rng.standard_normal(shape) * std).astype(dtype, copy=False)
-    return params
+    draw = gpt2_init if config.init == "gpt2" else course_init
+    return {name: draw(name, shape, config, rng).astype(dtype, copy=False)
+            for name, shape in param_shapes(config).items()}
+
+
+def gpt2_init(name: str, shape: tuple[int, ...], config: GPT2Config, rng: np.random.Generator) -> np.ndarray:
+    """GPT-2's initialisation of the tensor ``name`` (float64).
+
+    Weights ~ N(0, 0.02); the residual projections ``attn.c_proj.weight`` and ``mlp.c_proj.weight`` get
+    N(0, 0.02 / sqrt(2 L)) (GPT-2 paper: scale by 1/sqrt(N) the layers that add into the residual stream,
+    two per block); LayerNorm gains are 1; every bias is 0.
+    """
+    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        return np.ones(shape)
+    if name.endswith(".bias"):
+        return np.zeros(shape)
+    std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+    return rng.standard_normal(shape) * std
+
+
+def course_init(name: str, shape: tuple[int, ...], config: GPT2Config, rng: np.random.Generator) -> np.ndarray:
+    """The course's initialisation of the tensor ``name`` (float64): PyTorch's defaults, which the book's
+    ``GPTModel`` keeps.
+
+    ``wte`` and ``wpe`` ~ N(0, 1) (``nn.Embedding``); every linear layer's weight and bias ~ U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) (``nn.Linear``: Kaiming-uniform with a = sqrt(5), whose bound is exactly that), with fan_in
+    the layer's input width: C for c_attn (each of q, k, v is a C -> C layer), attn.c_proj, mlp.c_fc, the
+    untied ``lm_head`` and the classifier's ``score``; 4C for mlp.c_proj; LayerNorm scale 1 and shift 0.
+    """
+    if name in ("wte.weight", "wpe.weight"):
+        return rng.standard_normal(shape)
+    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        return np.ones(shape)
+    if name.endswith(("ln_1.bias", "ln_2.bias", "ln_f.bias")):
+        return np.zeros(shape)
+    fan_in = 4 * config.n_embd if ".mlp.c_proj." in name else config.n_embd  # every other layer reads C channels
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape)
 
 
 def validate_params(params: dict[str, np.ndarray], config: GPT2Config, lora: LoraConfig | None = None) -> np.dtype:

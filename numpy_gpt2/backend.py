@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.dropout import draw_dropout_masks, dropout_seed
 from mapper.lora import LoraConfig, merge_lora
 from mapper.sampling import cut_at_eos, new_token_budget
 from mapper.training import Batch, check_finite_loss
@@ -21,6 +22,9 @@ class NumpyBackend:
     Gradient accumulation averages the micro-batches' gradients, as torch does when each micro-batch's mean
     loss is divided by their number. ``trainable`` (canonical names; None: all) limits what AdamW updates: the
     spec computes every gradient and the frozen ones are not used, which is simple to read, not fast.
+    With dropout in the config, each step's masks come from a generator seeded by (``seed``, step)
+    (``mapper.dropout.dropout_seed``), one set per micro-batch, so a resumed run draws what the uninterrupted run
+    drew; losses for evaluation and decoding drop nothing.
     A backend made by :meth:`for_inference` has no optimizer settings and refuses ``step``.
     """
 
@@ -29,8 +33,9 @@ class NumpyBackend:
 
     def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float | None, decay: str,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fast: bool = True,
-                 trainable: set[str] | None = None, lora: LoraConfig | None = None) -> None:
+                 trainable: set[str] | None = None, lora: LoraConfig | None = None, seed: int = 0) -> None:
         self.config = config
+        self.seed = seed
         self.lora = lora
         self._params = {k: np.ascontiguousarray(v).copy() for k, v in params.items()}
         self.trainable = sorted(self._params) if trainable is None else sorted(trainable)
@@ -55,18 +60,20 @@ class NumpyBackend:
             self._optimizer = FastAdamW(updated, lr=0.0, **self._adamw)
         return self._optimizer
 
-    def _loss_and_grads(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
+    def _loss_and_grads(self, batch: Batch, rng: np.random.Generator | None) -> tuple[float, dict[str, np.ndarray]]:
+        masks = None if rng is None else draw_dropout_masks(self.config, *batch.tokens.shape, rng)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by step(), once
             if batch.is_classification:
                 return classify_loss_and_grads(self._params, self.config, batch.tokens, batch.lengths,
-                                               batch.labels, fast=self.fast, lora=self.lora)
+                                               batch.labels, fast=self.fast, lora=self.lora, dropout_masks=masks)
             return loss_and_grads(self._params, self.config, batch.tokens, batch.targets, fast=self.fast,
-                                  lora=self.lora)
+                                  lora=self.lora, dropout_masks=masks)
 
     def step(self, micro_batches: list[Batch], lr: float, grad_clip: float | None) -> tuple[float, float]:
         losses, total = [], None
+        rng = np.random.default_rng(dropout_seed(self.seed, self.optimizer.t)) if self.config.has_dropout else None
         for batch in micro_batches:
-            value, grads = self._loss_and_grads(batch)
+            value, grads = self._loss_and_grads(batch, rng)
             losses.append(value)
             grads = {k: grads[k] for k in self.trainable}
             if total is None:

@@ -18,6 +18,8 @@ import numpy as np
 
 from numpy_gpt2.ops import (
     check_no_kv_cache,
+    dropout_backward,
+    dropout_forward,
     embedding_backward,
     embedding_forward,
     gelu_backward,
@@ -42,6 +44,8 @@ from numpy_gpt2.ops import (
 __all__ = [
     "attention_backward",
     "attention_forward",
+    "dropout_backward",
+    "dropout_forward",
     "embedding_backward",
     "embedding_forward",
     "gelu_backward",
@@ -77,9 +81,12 @@ def attention_forward(
     n_head: int,
     kv_cache: tuple[np.ndarray, np.ndarray] | None = None,
     pos0: int = 0,
+    keep: np.ndarray | None = None,
+    p: float = 0.0,
     block: int = ATTENTION_BLOCK,
 ) -> tuple[np.ndarray, tuple]:
-    """As ``ops.attention_forward``; ``block`` = queries per block."""
+    """As ``ops.attention_forward``; ``block`` = queries per block. With ``keep`` a block keeps both its softmax
+    (for the backward) and its dropped weights (an extra [B, NH, block, keys] array)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
@@ -104,8 +111,9 @@ def attention_forward(
         att -= att.max(axis=-1, keepdims=True)
         np.exp(att, out=att)
         att *= 1.0 / att.sum(axis=-1, keepdims=True)  # softmax in place
-        np.matmul(att, v[:, :, :n_keys], out=y_heads[:, :, s:e])
-        blocks.append((s, e, att))
+        att_kept, cache_drop = (att, None) if keep is None else dropout_forward(att, keep[:, :, s:e, :n_keys], p)
+        np.matmul(att_kept, v[:, :, :n_keys], out=y_heads[:, :, s:e])
+        blocks.append((s, e, att, att_kept, cache_drop))
     return y.reshape(B, T, C), (q_scaled, k, v, blocks, kv_cache is not None)
 
 
@@ -118,10 +126,12 @@ def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B,NH,T,hs] views
     dy_heads = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     # The last block sees every key, so it writes dk and dv; earlier blocks see a prefix and add into it.
-    for s, e, att in reversed(blocks):
+    for s, e, att, att_kept, cache_drop in reversed(blocks):
         dy_block = dy_heads[:, :, s:e]
         datt = np.matmul(dy_block, v[:, :, :e].swapaxes(-1, -2))  # [B,NH,e-s,e]
-        dv_block = np.matmul(att.swapaxes(-1, -2), dy_block)
+        dv_block = np.matmul(att_kept.swapaxes(-1, -2), dy_block)
+        if cache_drop is not None:
+            datt = dropout_backward(datt, cache_drop)[0]  # through the dropout of the weights
         datt -= np.einsum("bhts,bhts->bht", datt, att)[..., None]
         datt *= att  # dscores
         np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])

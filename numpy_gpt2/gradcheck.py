@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.dropout import DropoutMasks
 from mapper.parity import FINITE_DIFFERENCES, scaled_error
 from numpy_gpt2.model import loss, loss_and_grads
 
@@ -52,21 +53,23 @@ def check_model_gradients(
     entries_per_tensor: int | None = 6,
     seed: int = 0,
     h: float = 1e-4,
+    dropout_masks: DropoutMasks | None = None,
 ) -> dict[str, float]:
     """Relative error (module docstring) of ``loss_and_grads``' gradient, per parameter tensor.
 
     ``params`` must be float64. ``entries_per_tensor`` random entries are checked per tensor, plus
-    the entry with the largest analytic gradient; None checks every entry.
+    the entry with the largest analytic gradient; None checks every entry. ``dropout_masks``: one fixed set of
+    keep-masks for the analytic gradient and every evaluation of the loss (dropout is then a fixed linear map).
     """
     for name, p in params.items():
         if p.dtype != np.float64:
             raise ValueError(f"gradient checks need float64 parameters; {name!r} is {p.dtype}")
     params = {k: np.ascontiguousarray(v).copy() for k, v in params.items()}  # perturbed in place below
-    _, grads = loss_and_grads(params, config, tokens, targets)
+    _, grads = loss_and_grads(params, config, tokens, targets, dropout_masks=dropout_masks)
     rng = np.random.default_rng(seed)
 
     def f() -> float:
-        return loss(params, config, tokens, targets)
+        return loss(params, config, tokens, targets, dropout_masks=dropout_masks)
 
     errors = {}
     for name, p in params.items():

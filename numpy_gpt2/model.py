@@ -1,11 +1,11 @@
 """The GPT-2 model in NumPy: forward top-down, backward in exact reverse order.
 
-    x = wte[tokens] + wpe[positions]                      # embedding        [B,T,C]
+    x = drop(wte[tokens] + wpe[positions])                  # embedding        [B,T,C]
     for each block i:
-        x = x + c_proj(attention(c_attn(ln_1(x))))        # attention branch
-        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))       # MLP branch
-    h = ln_f(x)                                           # final norm       [B,T,C]
-    logits = h @ wte.T                                    # tied head        [B,T,V]
+        x = x + drop(c_proj(attention(c_attn(ln_1(x)))))    # attention branch (dropout on its weights too)
+        x = x + drop(mlp.c_proj(gelu(mlp.c_fc(ln_2(x)))))   # MLP branch
+    h = ln_f(x)                                             # final norm       [B,T,C]
+    logits = h @ wte.T                                      # tied head        [B,T,V]
     (with an untied head: h @ lm_head.T)
     classifier: class_logits = h[b, lengths[b] - 1] @ score.weight    # last real token [B,C] -> [B,n_classes]
 
@@ -14,6 +14,11 @@ adapts it; its parameters then hold the adapters ``h.{i}.<layer>.lora_A`` / ``lo
 Gradients are returned for every parameter, adapters and base weights alike: freezing the base is the
 optimizer's business (give it only the tensors to train). A head the loss does not use gets a zero gradient
 (``score.weight`` under the LM loss, an untied ``lm_head.weight`` under the classification loss).
+
+``drop`` is dropout, only when a training call passes ``dropout_masks`` (a ``mapper.dropout.DropoutMasks`` for this
+batch; the probabilities are the config's): the spec never draws random numbers itself, so a given set of masks
+gives one exact result, which finite differences can check and the torch engine can be compared with. Without
+masks (evaluation, decoding, and every model whose probabilities are 0) nothing is dropped.
 
 Two kinds of function. The public ones check their inputs and return results: ``forward`` (logits), ``loss``,
 ``loss_and_grads``, ``classify`` (class logits), ``classify_loss``, ``classify_loss_and_grads``. The pairs
@@ -32,6 +37,7 @@ from types import ModuleType
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.dropout import DropoutMasks, check_dropout_masks
 from mapper.lora import LoraConfig
 from mapper.schema import block_param_names, validate_params
 from mapper.tokens import check_labels, check_lengths, check_targets, check_tokens
@@ -77,6 +83,22 @@ def adapted_linear_backward(
 
 
 # ------------------------------------------------------------------------------------------------------
+# dropout where a keep-mask is given: y = x * keep / (1 - p); y = x where there is none
+# ------------------------------------------------------------------------------------------------------
+
+
+def optional_dropout_forward(ops: ModuleType, x: np.ndarray, keep: np.ndarray | None, p: float
+                             ) -> tuple[np.ndarray, tuple | None]:
+    """x [...] -> y [...]: ``ops.dropout_forward`` with ``keep``, or x itself (cache None) without a mask."""
+    return (x, None) if keep is None else ops.dropout_forward(x, keep, p)
+
+
+def optional_dropout_backward(ops: ModuleType, dy: np.ndarray, cache: tuple | None) -> np.ndarray:
+    """dy [...] -> dx [...] through :func:`optional_dropout_forward`."""
+    return dy if cache is None else ops.dropout_backward(dy, cache)[0]
+
+
+# ------------------------------------------------------------------------------------------------------
 # one transformer block
 # ------------------------------------------------------------------------------------------------------
 
@@ -90,9 +112,12 @@ def block_forward(
     pos0: int = 0,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    keep: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, tuple]:
-    """x [B, T, C] -> x [B, T, C] through block ``i`` (pre-LN attention, then pre-LN MLP)."""
+    """x [B, T, C] -> x [B, T, C] through block ``i`` (pre-LN attention, then pre-LN MLP); ``keep``: the dropout
+    masks of the attention weights, the attention branch and the MLP branch (``DropoutMasks.layer(i)``)."""
     ops = kernels(fast)
+    keep_att, keep_proj, keep_mlp = (None, None, None) if keep is None else keep
     names = block_param_names(config)
     if lora is not None:
         names = (*names, *(f"{m}.lora_{ab}" for m in lora.layers for ab in "AB"))
@@ -101,24 +126,29 @@ def block_forward(
     eps = config.layer_norm_epsilon
     ln1, cache_ln1 = ops.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [B,T,C]
     qkv, cache_qkv = adapted_linear_forward(ops, ln1, p, "attn.c_attn", s)  # [B,T,3C]
-    att, cache_att = ops.attention_forward(qkv, config.n_head, kv_cache, pos0)  # [B,T,C]
+    att, cache_att = ops.attention_forward(qkv, config.n_head, kv_cache, pos0, keep_att, config.attn_pdrop)  # [B,T,C]
     proj, cache_proj = adapted_linear_forward(ops, att, p, "attn.c_proj", s)  # [B,T,C]
+    proj, cache_proj_drop = optional_dropout_forward(ops, proj, keep_proj, config.resid_pdrop)  # [B,T,C]
     x1, _ = ops.residual_forward(x, proj)  # [B,T,C]
     ln2, cache_ln2 = ops.layernorm_forward(x1, p["ln_2.weight"], p["ln_2.bias"], eps)  # [B,T,C]
     fc, cache_fc = adapted_linear_forward(ops, ln2, p, "mlp.c_fc", s)  # [B,T,4C]
     act, cache_gelu = ops.gelu_forward(fc)  # [B,T,4C]
     mlp, cache_mlp = adapted_linear_forward(ops, act, p, "mlp.c_proj", s)  # [B,T,C]
+    mlp, cache_mlp_drop = optional_dropout_forward(ops, mlp, keep_mlp, config.resid_pdrop)  # [B,T,C]
     x2, _ = ops.residual_forward(x1, mlp)  # [B,T,C]
-    return x2, (cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp)
+    return x2, (cache_ln1, cache_qkv, cache_att, cache_proj, cache_proj_drop, cache_ln2, cache_fc, cache_gelu,
+                cache_mlp, cache_mlp_drop)
 
 
 def block_backward(dx2: np.ndarray, cache: tuple, i: int, fast: bool = False) -> tuple[np.ndarray, dict]:
     """dx2 [B, T, C] -> (dx [B, T, C], the gradients of block ``i``'s parameters keyed by canonical name)."""
     ops = kernels(fast)
-    cache_ln1, cache_qkv, cache_att, cache_proj, cache_ln2, cache_fc, cache_gelu, cache_mlp = cache
+    (cache_ln1, cache_qkv, cache_att, cache_proj, cache_proj_drop, cache_ln2, cache_fc, cache_gelu, cache_mlp,
+     cache_mlp_drop) = cache
     g: dict[str, np.ndarray] = {}
     # x2 = x1 + mlp
     (dx1, dmlp), _ = ops.residual_backward(dx2, ())
+    dmlp = optional_dropout_backward(ops, dmlp, cache_mlp_drop)
     dact = adapted_linear_backward(ops, dmlp, cache_mlp, "mlp.c_proj", g)
     dfc, _ = ops.gelu_backward(dact, cache_gelu)
     dln2 = adapted_linear_backward(ops, dfc, cache_fc, "mlp.c_fc", g)
@@ -126,6 +156,7 @@ def block_backward(dx2: np.ndarray, cache: tuple, i: int, fast: bool = False) ->
     dx1 = dx1 + dx1_ln2  # x1 feeds both the residual and ln_2: the two gradients add
     # x1 = x + proj
     (dx, dproj), _ = ops.residual_backward(dx1, ())
+    dproj = optional_dropout_backward(ops, dproj, cache_proj_drop)
     datt = adapted_linear_backward(ops, dproj, cache_proj, "attn.c_proj", g)
     dqkv, _ = ops.attention_backward(datt, cache_att)
     dln1 = adapted_linear_backward(ops, dqkv, cache_qkv, "attn.c_attn", g)
@@ -149,31 +180,37 @@ def body_forward(
     last_only: bool = False,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> tuple[np.ndarray, tuple | None]:
-    """tokens [B, T] -> h = ln_f(last block's output) [B, T, C] (or [B, 1, C] with ``last_only``), plus caches."""
+    """tokens [B, T] -> h = ln_f(last block's output) [B, T, C] (or [B, 1, C] with ``last_only``), plus caches.
+    ``dropout_masks``: this batch's keep-masks while training (none: nothing is dropped)."""
     ops = kernels(fast)
     x, cache_emb = ops.embedding_forward(tokens, params["wte.weight"], params["wpe.weight"], pos0)  # [B,T,C]
+    keep_embd = None if dropout_masks is None else dropout_masks.embd
+    x, cache_emb_drop = optional_dropout_forward(ops, x, keep_embd, config.embd_pdrop)  # [B,T,C]
     block_caches = []
     for i in range(config.n_layer):
         kv = None if kv_caches is None else kv_caches[i]
-        x, cache_block = block_forward(x, params, i, config, kv, pos0, fast, lora)
+        keep = None if dropout_masks is None else dropout_masks.layer(i)
+        x, cache_block = block_forward(x, params, i, config, kv, pos0, fast, lora, keep)
         if keep_caches:
             block_caches.append(cache_block)
     if last_only:
         x = x[:, -1:]  # decoding needs only the next-token prediction
     h, cache_lnf = ops.layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.layer_norm_epsilon)
-    return h, ((cache_emb, block_caches, cache_lnf) if keep_caches else None)
+    return h, ((cache_emb, cache_emb_drop, block_caches, cache_lnf) if keep_caches else None)
 
 
 def body_backward(dh: np.ndarray, caches: tuple, config: GPT2Config, fast: bool = False) -> dict[str, np.ndarray]:
     """dh [B, T, C] -> the gradients of the body's parameters; ``wte.weight`` gets the embedding's part only."""
     ops = kernels(fast)
-    cache_emb, block_caches, cache_lnf = caches
+    cache_emb, cache_emb_drop, block_caches, cache_lnf = caches
     grads: dict[str, np.ndarray] = {}
     dx, (grads["ln_f.weight"], grads["ln_f.bias"]) = ops.layernorm_backward(dh, cache_lnf)
     for i in reversed(range(config.n_layer)):
         dx, block_grads = block_backward(dx, block_caches[i], i, fast)
         grads.update(block_grads)
+    dx = optional_dropout_backward(ops, dx, cache_emb_drop)
     # x = wte[tokens] + wpe[positions]
     _, (grads["wte.weight"], grads["wpe.weight"]) = ops.embedding_backward(dx, cache_emb)
     return grads
@@ -194,14 +231,16 @@ def lm_forward(
     last_only: bool = False,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> tuple[np.ndarray, tuple | None]:
     """tokens [B, T] (checked) -> logits [B, T, V] (or [B, 1, V] with ``last_only``), plus caches for backward.
 
     ``kv_caches``: one (K, V) pair of [B, NH, T_max, hs] arrays per layer for incremental decoding,
-    with this call's tokens at positions pos0 .. pos0+T-1.
+    with this call's tokens at positions pos0 .. pos0+T-1. ``dropout_masks``: keep-masks while training.
     """
     ops = kernels(fast)
-    h, cache_body = body_forward(params, config, tokens, keep_caches, kv_caches, pos0, last_only, fast, lora)
+    h, cache_body = body_forward(params, config, tokens, keep_caches, kv_caches, pos0, last_only, fast, lora,
+                                 dropout_masks)
     head = params.get("lm_head.weight", params["wte.weight"])  # [V,C]: wte when tied
     logits, cache_head = ops.lm_head_forward(h, head)  # logits = h @ head.T   [B,T,C] -> [B,T,V]
     return logits, ((cache_body, cache_head) if keep_caches else None)
@@ -230,12 +269,20 @@ def forward(
     tokens: np.ndarray,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> np.ndarray:
-    """Logits [B, T, V] for int tokens [B, T] (dtype of the parameters)."""
+    """Logits [B, T, V] for int tokens [B, T] (dtype of the parameters); ``dropout_masks``: keep-masks (training)."""
     validate_params(params, config, lora)
-    tokens = check_tokens(tokens, config)
-    logits, _ = lm_forward(params, config, tokens, fast=fast, lora=lora)
+    tokens = _check_dropout(dropout_masks, config, check_tokens(tokens, config))
+    logits, _ = lm_forward(params, config, tokens, fast=fast, lora=lora, dropout_masks=dropout_masks)
     return logits
+
+
+def _check_dropout(dropout_masks: DropoutMasks | None, config: GPT2Config, tokens: np.ndarray) -> np.ndarray:
+    """The checked ``tokens``, once ``dropout_masks`` (if any) are checked to fit them."""
+    if dropout_masks is not None:
+        check_dropout_masks(dropout_masks, config, *tokens.shape)
+    return tokens
 
 
 def loss(
@@ -245,12 +292,13 @@ def loss(
     targets: np.ndarray,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> float:
     """Mean cross-entropy of ``targets`` [B, T] (already shifted; -100 ignored), forward only."""
     validate_params(params, config, lora)
-    tokens = check_tokens(tokens, config)
+    tokens = _check_dropout(dropout_masks, config, check_tokens(tokens, config))
     targets = check_targets(targets, tokens.shape, config)
-    logits, _ = lm_forward(params, config, tokens, fast=fast, lora=lora)
+    logits, _ = lm_forward(params, config, tokens, fast=fast, lora=lora, dropout_masks=dropout_masks)
     return kernels(fast).softmax_cross_entropy_forward(logits, targets)[0]
 
 
@@ -261,17 +309,20 @@ def loss_and_grads(
     targets: np.ndarray,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross-entropy of ``targets`` [B, T] (already shifted; -100 ignored) and its gradient.
 
     Returns ``(loss, grads)`` with a gradient for every parameter, keyed like ``params`` (the tied ``wte``
     gets the LM head's and the embedding's contributions; LoRA adapters and base weights both get theirs).
+    ``dropout_masks``: this batch's keep-masks (``mapper.dropout.draw_dropout_masks``) to train with dropout.
     """
     validate_params(params, config, lora)
-    tokens = check_tokens(tokens, config)
+    tokens = _check_dropout(dropout_masks, config, check_tokens(tokens, config))
     targets = check_targets(targets, tokens.shape, config)
     ops = kernels(fast)
-    logits, caches = lm_forward(params, config, tokens, keep_caches=True, fast=fast, lora=lora)
+    logits, caches = lm_forward(params, config, tokens, keep_caches=True, fast=fast, lora=lora,
+                                dropout_masks=dropout_masks)
     mean_loss, cache_loss = ops.softmax_cross_entropy_forward(logits, targets)
     del logits  # the loss cache keeps what the backward needs
     dlogits, _ = ops.softmax_cross_entropy_backward(1.0, cache_loss)
@@ -291,10 +342,11 @@ def classifier_forward(
     keep_caches: bool = False,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> tuple[np.ndarray, tuple | None]:
     """tokens [B, T], lengths [B] (checked) -> class logits [B, n_classes], plus caches for backward."""
     ops = kernels(fast)
-    h, cache_body = body_forward(params, config, tokens, keep_caches, fast=fast, lora=lora)  # [B,T,C]
+    h, cache_body = body_forward(params, config, tokens, keep_caches, fast=fast, lora=lora, dropout_masks=dropout_masks)
     pooled, cache_pool = ops.pool_forward(h, lengths - 1)  # [B,C] each row at its last real token
     logits, cache_score = ops.linear_forward(pooled, params["score.weight"], None)  # [B,C] @ [C,n_classes], no bias
     return logits, ((cache_body, cache_pool, cache_score) if keep_caches else None)
@@ -317,12 +369,12 @@ def classifier_backward(
 
 def _check_classifier_input(
     params: dict[str, np.ndarray], config: GPT2Config, tokens: np.ndarray, lengths: np.ndarray,
-    lora: LoraConfig | None,
+    lora: LoraConfig | None, dropout_masks: DropoutMasks | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     if config.n_classes is None:
         raise ValueError("this model has no classification head (config.n_classes is None)")
     validate_params(params, config, lora)
-    tokens = check_tokens(tokens, config)
+    tokens = _check_dropout(dropout_masks, config, check_tokens(tokens, config))
     return tokens, check_lengths(lengths, tokens.shape)
 
 
@@ -351,11 +403,12 @@ def classify_loss(
     labels: np.ndarray,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> float:
     """Mean cross-entropy of the class ``labels`` [B] (each in [0, n_classes)), forward only."""
-    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora)
+    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora, dropout_masks)
     labels = check_labels(labels, tokens.shape[0], config.n_classes)
-    logits, _ = classifier_forward(params, config, tokens, lengths, fast=fast, lora=lora)
+    logits, _ = classifier_forward(params, config, tokens, lengths, fast=fast, lora=lora, dropout_masks=dropout_masks)
     return kernels(fast).softmax_cross_entropy_forward(logits, labels)[0]
 
 
@@ -367,13 +420,16 @@ def classify_loss_and_grads(
     labels: np.ndarray,
     fast: bool = False,
     lora: LoraConfig | None = None,
+    dropout_masks: DropoutMasks | None = None,
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross-entropy of the class ``labels`` [B] and its gradient for every parameter, keyed like ``params``
-    (``score.weight``, the body, the adapters; an untied ``lm_head.weight`` gets zeros)."""
-    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora)
+    (``score.weight``, the body, the adapters; an untied ``lm_head.weight`` gets zeros); ``dropout_masks`` as in
+    :func:`loss_and_grads`."""
+    tokens, lengths = _check_classifier_input(params, config, tokens, lengths, lora, dropout_masks)
     labels = check_labels(labels, tokens.shape[0], config.n_classes)
     ops = kernels(fast)
-    logits, caches = classifier_forward(params, config, tokens, lengths, keep_caches=True, fast=fast, lora=lora)
+    logits, caches = classifier_forward(params, config, tokens, lengths, keep_caches=True, fast=fast, lora=lora,
+                                        dropout_masks=dropout_masks)
     mean_loss, cache_loss = ops.softmax_cross_entropy_forward(logits, labels)  # logits [B,n_classes], labels [B]
     dlogits, _ = ops.softmax_cross_entropy_backward(1.0, cache_loss)  # [B,n_classes]
     return mean_loss, classifier_backward(dlogits, caches, params, config, fast)

@@ -208,10 +208,32 @@ def gelu_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
 
 
 # ------------------------------------------------------------------------------------------------------
+# dropout with a given keep-mask (drawn by mapper.dropout, kept with probability 1 - p):
+#   y = x * keep / (1 - p)       so E[y] = x; only while training, never in evaluation or decoding
+# ------------------------------------------------------------------------------------------------------
+
+
+def dropout_forward(x: np.ndarray, keep: np.ndarray, p: float) -> tuple[np.ndarray, tuple]:
+    """x [...], keep bool [...] (True = kept), p in [0, 1) -> y [...]: dropped entries 0, kept ones scaled up."""
+    scale = 1.0 / (1.0 - p)
+    y = x * keep * scale  # [...] (a bool mask multiplies as 0 / 1)
+    return y, (keep, scale)
+
+
+def dropout_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
+    """dy [...] -> (dx [...], ()): the gradient flows through the kept entries, scaled the same way."""
+    keep, scale = cache
+    # y = x * keep * scale
+    dx = dy * keep * scale
+    return dx, ()
+
+
+# ------------------------------------------------------------------------------------------------------
 # causal multi-head self-attention on the fused qkv (softmax inside)
 #   q, k, v = split(qkv) into NH heads of size hs
 #   scores = q k^T / sqrt(hs), with the future (key after query) masked to -inf
 #   att = softmax(scores) over the keys
+#   att = dropout(att) while training with a keep-mask (attn_pdrop), else att itself
 #   y = att v, the heads concatenated back to [B, T, C]
 # ------------------------------------------------------------------------------------------------------
 
@@ -239,13 +261,19 @@ def causal_mask(n_queries: int, n_keys: int) -> np.ndarray:
 
 
 def attention_forward(
-    qkv: np.ndarray, n_head: int, kv_cache: tuple[np.ndarray, np.ndarray] | None = None, pos0: int = 0
+    qkv: np.ndarray,
+    n_head: int,
+    kv_cache: tuple[np.ndarray, np.ndarray] | None = None,
+    pos0: int = 0,
+    keep: np.ndarray | None = None,
+    p: float = 0.0,
 ) -> tuple[np.ndarray, tuple]:
     """qkv [B, T, 3C] (columns q | k | v) -> y [B, T, C].
 
     Without a cache the queries attend to the T keys of this call. With ``kv_cache=(K, V)``, arrays
     [B, NH, T_max, hs], this call's keys and values are written at positions pos0 .. pos0+T-1 and the
     queries attend to all P + T = pos0 + T cached positions (one code path for prefill and decoding).
+    ``keep`` (bool [B, NH, T, P+T]) drops attention weights with probability ``p`` (training only).
     """
     C = qkv.shape[-1] // 3
     hs = C // n_head
@@ -262,8 +290,9 @@ def attention_forward(
     scores = np.where(causal_mask(q.shape[2], k.shape[2]), scores, -np.inf)  # a query never sees later keys
     exp_scores = np.exp(scores - scores.max(axis=-1, keepdims=True))  # softmax, shifted for stability
     att = exp_scores / exp_scores.sum(axis=-1, keepdims=True)  # [B,NH,T,P+T] each row sums to 1
-    y = att @ v  # [B,NH,T,P+T] @ [B,NH,P+T,hs] -> [B,NH,T,hs]
-    return merge_heads(y), (q, k, v, att, kv_cache is not None)
+    att_kept, cache_drop = (att, None) if keep is None else dropout_forward(att, keep, p)  # [B,NH,T,P+T]
+    y = att_kept @ v  # [B,NH,T,P+T] @ [B,NH,P+T,hs] -> [B,NH,T,hs]
+    return merge_heads(y), (q, k, v, att, att_kept, cache_drop, kv_cache is not None)
 
 
 def check_no_kv_cache(used_kv_cache: bool) -> None:
@@ -276,13 +305,15 @@ def check_no_kv_cache(used_kv_cache: bool) -> None:
 
 def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
     """dy [B, T, C] -> (dqkv [B, T, 3C], ()). Only after a forward without a KV cache (refused otherwise)."""
-    q, k, v, att, used_kv_cache = cache
+    q, k, v, att, att_kept, cache_drop, used_kv_cache = cache
     check_no_kv_cache(used_kv_cache)
     hs = q.shape[-1]
     dy_heads = split_heads(dy, q.shape[1])  # [B,NH,T,hs]
-    # y = att @ v
-    datt = dy_heads @ v.swapaxes(-1, -2)  # [B,NH,T,hs] @ [B,NH,hs,T] -> [B,NH,T,T]
-    dv = att.swapaxes(-1, -2) @ dy_heads  # [B,NH,T,T] @ [B,NH,T,hs] -> [B,NH,T,hs]
+    # y = att_kept @ v
+    datt_kept = dy_heads @ v.swapaxes(-1, -2)  # [B,NH,T,hs] @ [B,NH,hs,T] -> [B,NH,T,T]
+    dv = att_kept.swapaxes(-1, -2) @ dy_heads  # [B,NH,T,T] @ [B,NH,T,hs] -> [B,NH,T,hs]
+    # att_kept = dropout(att), or att itself
+    datt = datt_kept if cache_drop is None else dropout_backward(datt_kept, cache_drop)[0]  # [B,NH,T,T]
     # att = softmax(scores): dscores_ij = att_ij (datt_ij - sum_j' att_ij' datt_ij'); masked keys have att = 0
     dscores = att * (datt - (att * datt).sum(axis=-1, keepdims=True))  # [B,NH,T,T]
     # scores = q @ k^T / sqrt(hs)

@@ -5,16 +5,23 @@ Distributed: every rank holds the whole model; each takes its share of every mic
 ``rank * B / world`` .. ``(rank + 1) * B / world``), DDP averages the gradients, and the losses are averaged
 over ranks, so a step equals the single-process step on the whole batch up to float32 rounding. Rank 0 logs,
 samples and writes checkpoints; the others wait at a barrier. Evaluation runs the same batches on every rank.
+
+Dropout: the module is in training mode for a step and in eval mode for every loss, logit and sample. A step
+with dropout seeds torch's generators from (seed, step, rank) (``mapper.dropout.dropout_seed``) inside
+``torch.random.fork_rng``, so the masks depend on nothing else: a resumed run draws the masks of the
+uninterrupted run, and the caller's own random state is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from mapper.config import GPT2Config
+from mapper.dropout import dropout_seed
 from mapper.layouts import from_module_state, to_module_state
 from mapper.lora import LoraConfig
 from mapper.sampling import cut_at_eos, new_token_budget
@@ -36,9 +43,12 @@ class TorchBackend:
     def __init__(self, config: GPT2Config, params: dict[str, np.ndarray], weight_decay: float | None, decay: str,
                  device: str | None = None, dtype: str = "float32", autocast: str | None = None,
                  compile: bool = False, attention: str = "fused", betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, trainable: set[str] | None = None, lora: LoraConfig | None = None) -> None:
+                 eps: float = 1e-8, trainable: set[str] | None = None, lora: LoraConfig | None = None,
+                 seed: int = 0) -> None:
         self.config = config
         self.lora = lora
+        self.seed = seed
+        self.steps = 0  # optimizer steps taken (restored from the optimizer state), which seed the dropout masks
         self.rank, self.world = distributed_world()
         self.is_main = self.rank == 0
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -109,13 +119,29 @@ class TorchBackend:
 
     def step(self, micro_batches: list[Batch], lr: float, grad_clip: float | None) -> tuple[float, float]:
         batches = [self._device_batch(b) for b in micro_batches]
-        with self.model.autocast_context() if self.scaler is None else contextlib.nullcontext():
+        self.trained.train()
+        with self._step_rng(), self.model.autocast_context() if self.scaler is None else contextlib.nullcontext():
             stats = train_step(self.trained, self._trainer(), batches, lr=lr, grad_clip=grad_clip, scaler=self.scaler,
                                reduce_loss=self._all_ranks_mean)
+        self.steps += 1
         return stats["loss"], stats["grad_norm"]
+
+    @contextlib.contextmanager
+    def _step_rng(self) -> Iterator[None]:
+        """With dropout: torch's generators seeded for this step alone (module docstring), restored afterwards."""
+        if not self.config.has_dropout:
+            yield
+            return
+        device = self.model.device
+        devices = [torch.cuda.current_device() if device.index is None else device.index] if (
+            device.type == "cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(dropout_seed(self.seed, self.steps, self.rank))
+            yield
 
     @torch.no_grad()
     def loss(self, batch: Batch) -> float:
+        self.model.eval()
         if batch.is_classification:
             logits = torch.from_numpy(self.class_logits(batch))
             return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.labels)))
@@ -124,12 +150,14 @@ class TorchBackend:
 
     @torch.no_grad()
     def class_logits(self, batch: Batch) -> np.ndarray:
+        self.model.eval()
         lengths = torch.from_numpy(batch.lengths).to(self.model.device)
         logits = self.model.classify(self.model.to_device(batch.tokens), lengths)
         return logits.double().cpu().numpy()
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
         n = new_token_budget(len(prompt), max_new_tokens, self.config)
+        self.model.eval()
         return cut_at_eos(generate(self.model, prompt, n, eos_token_id=eos_token_id)[len(prompt):], eos_token_id)
 
     def params(self) -> dict[str, np.ndarray]:
@@ -161,6 +189,7 @@ class TorchBackend:
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         t = int(state["t"][0])
+        self.steps = t
         moments = {}
         shapes = param_shapes(self.config, self.lora)
         for prefix in ("m.", "v."):

@@ -3,8 +3,8 @@
 Legend: ``B`` batch, ``T`` time, ``C`` n_embd, ``V`` vocab, ``NH`` heads, ``hs`` = C / NH head size,
 ``L`` layers, ``P`` n_positions.
 
-    x = wte[tokens] + wpe[positions]                          # [B, T, C]
-    for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+    x = drop(wte[tokens] + wpe[positions])                    # [B, T, C]
+    for each block:  x = x + drop(attn(ln_1(x)));  x = x + drop(mlp(ln_2(x)))   # attn also drops its weights
     logits = ln_f(x) @ wte.T                                  # tied head, [B, T, V]
     classifier: ln_f(x)[b, lengths[b] - 1] @ score.weight.T   # [B, n_classes], no bias (as Hugging Face)
 
@@ -13,7 +13,12 @@ C -> 3C; ``custom``: ``q_proj``, ``k_proj``, ``v_proj``, each C -> C); the atten
 With a :class:`mapper.LoraConfig` every targeted :class:`Linear` adds ``scale * (x A) B`` (one implementation,
 :class:`Linear`, whatever the layout); LoRA on attention needs the fused layout (``check_lora_layout``).
 Conversion to and from the canonical NumPy parameters lives in :mod:`mapper.layouts`.
-There is no dropout: GPT-2 inference and the parity tests need none.
+
+Dropout (``drop``, the config's ``embd_pdrop``, ``attn_pdrop``, ``resid_pdrop``) acts only in training mode
+(``model.train()``; :meth:`GPT2.from_params` returns a module in eval mode, as transformers' ``from_pretrained``
+does): torch's native dropout, SDPA's own on the attention weights. A forward given a
+:class:`mapper.dropout.DropoutMasks` uses those keep-masks instead, in the NumPy spec's arithmetic
+(``x * keep / (1 - p)``, attention written out), so that both backends can be run with the same masks.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mapper.config import GPT2Config
+from mapper.dropout import DropoutMasks, check_dropout_masks
 from mapper.layouts import check_attention_layout, check_lora_layout, from_module_state, to_module_state
 from mapper.lora import LoraConfig, init_lora_params
 from mapper.schema import init_params, validate_params
@@ -130,26 +136,36 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tens
     return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=n_keys - n_queries)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs) + mask) v.
+def dropout(x: torch.Tensor, p: float, training: bool, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """With a keep-mask, ``x * keep / (1 - p)`` (the NumPy spec's arithmetic); else torch's native dropout while
+    training with p > 0; else x unchanged."""
+    if keep is not None:
+        return x * keep * (1.0 / (1.0 - p))
+    return F.dropout(x, p, training=True) if training and p > 0.0 else x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str,
+              dropout_p: float = 0.0, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) + mask) v, the weights dropped with probability ``dropout_p`` (0: none).
 
     q [B, NH, Tq, hs], k and v [B, NH, Tk, hs] -> [B, NH, Tq, hs]. ``mask`` is boolean, broadcastable to
     [B, NH, Tq, Tk], True where a query may attend to a key; None means causal, with the Tq queries at the
     last Tq of the Tk positions (:func:`causal_mask`), which also covers a prefill continuing a KV cache.
     ``impl`` "sdpa" is PyTorch's fused kernel, "math" the same equations written out (kept as a readable
-    reference; both agree to ~1e-16 in float64).
+    reference; both agree to ~1e-16 in float64). ``keep`` (bool [B, NH, Tq, Tk]) drops the weights it marks
+    False instead of a random draw, on the written-out path whatever ``impl`` says (SDPA cannot take a mask).
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
+    if keep is None and impl == "sdpa" and mask is None and Tq > 1 and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # its top-left mask
     if mask is None and Tq > 1:
-        if impl == "sdpa" and Tq == Tk:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # SDPA's own (top-left) causal mask
         mask = causal_mask(Tq, Tk, q.device)
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if keep is None and impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, NH, Tq, Tk]
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: masked keys get no weight
-    return att.softmax(dim=-1) @ v
+    return dropout(att.softmax(dim=-1), dropout_p, dropout_p > 0.0, keep) @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -161,6 +177,7 @@ class CausalSelfAttention(nn.Module):
         C = config.n_embd
         self.layout = attention
         self.n_head = config.n_head
+        self.attn_pdrop = config.attn_pdrop
         adapter = lora if lora is not None and "attn" in lora.targets else None
         bias = config.qkv_bias  # False: the course's model, no q/k/v bias at all
         if attention == "fused":
@@ -184,12 +201,13 @@ class CausalSelfAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
         mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, C] at slots start..start+T-1 -> [B, T, C].
 
         With ``kv`` (this layer's cache, [B, NH, max_len, hs] each) the new keys/values are stored at
         those slots and the queries attend over slots 0..start+T-1. ``mask`` None means plain causal
-        attention over those slots (any start and T).
+        attention over those slots (any start and T). ``keep``: the attention weights' dropout mask.
         """
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.project_qkv(x))
@@ -198,7 +216,8 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # [B, NH, start+T, hs]
-        y = attention(q, k, v, mask, impl)  # [B, NH, T, hs]
+        p = self.attn_pdrop if self.training or keep is not None else 0.0
+        y = attention(q, k, v, mask, impl, p, keep)  # [B, NH, T, hs]
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -225,6 +244,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, attention, lora)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, lora)
+        self.resid_pdrop = config.resid_pdrop
 
     def forward(
         self,
@@ -233,9 +253,13 @@ class Block(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
         mask: torch.Tensor | None = None,
+        keep: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), impl, kv, start, mask)
-        return x + self.mlp(self.ln_2(x))
+        """``keep``: the keep-masks of the attention weights, the attention branch and the MLP branch."""
+        keep_att, keep_attn_out, keep_mlp_out = (None, None, None) if keep is None else keep
+        p = self.resid_pdrop
+        x = x + dropout(self.attn(self.ln_1(x), impl, kv, start, mask, keep_att), p, self.training, keep_attn_out)
+        return x + dropout(self.mlp(self.ln_2(x)), p, self.training, keep_mlp_out)
 
 
 class GPT2(nn.Module):
@@ -245,8 +269,10 @@ class GPT2(nn.Module):
     runs forward and decoding under ``torch.autocast``. ``onednn_linear`` (default True) lets float32 CPU
     inference use oneDNN's matmul (:mod:`torch_gpt2.onednn`; it is used only where it exists and was checked).
     ``lora`` (a :class:`mapper.LoraConfig`, or None) gives the targeted linears LoRA adapters (:class:`Linear`).
-    Build one with :meth:`from_params` or :meth:`from_config`; decode with :func:`torch_gpt2.generate` /
-    :func:`torch_gpt2.generate_stream` (``generate(model, prompts, max_new_tokens, ...)``).
+    Dropout (the config's probabilities) acts in training mode only (module docstring).
+    Build one with :meth:`from_params` or :meth:`from_config` (both in eval mode); decode with
+    :func:`torch_gpt2.generate` / :func:`torch_gpt2.generate_stream` (``generate(model, prompts, max_new_tokens,
+    ...)``).
     """
 
     def __init__(
@@ -304,6 +330,7 @@ class GPT2(nn.Module):
     ) -> GPT2:
         """A module holding copies of the canonical ``params`` (float64 -> float64 module, float32 -> float32).
 
+        The module is in eval mode (no dropout; ``model.train()`` turns it on when the config has any).
         ``device`` None = auto (cuda > mps > cpu); ``dtype`` casts the weights; ``compile`` wraps the
         forward in ``torch.compile`` (see :meth:`enable_compile`); ``onednn_linear`` as in the class.
         ``lora``: the LoRA settings of the adapters ``params`` holds (``h.{i}.<layer>.lora_A`` / ``lora_B``);
@@ -319,6 +346,7 @@ class GPT2(nn.Module):
             model = cls(config, attention, attn_impl, onednn_linear, lora)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True, assign=True)
         model.to(device=target, dtype=param_dtype)
+        model.eval()  # dropout off until model.train(), as transformers' from_pretrained
         model.set_autocast(autocast_dtype)
         if compile:
             model.enable_compile()
@@ -334,7 +362,8 @@ class GPT2(nn.Module):
         lora: LoraConfig | None = None,
         **kwargs: Any,
     ) -> GPT2:
-        """A freshly initialised model (GPT-2's initialisation, :func:`mapper.init_params`), e.g. for pretraining;
+        """A freshly initialised model (``config.init``'s initialisation, :func:`mapper.init_params`), e.g. for
+        pretraining (call ``model.train()`` for dropout);
         with ``lora``, fresh adapters too (:func:`mapper.init_lora_params`, same seed: B = 0, so the same outputs)."""
         params = init_params(config, seed)
         if lora is not None:
@@ -424,27 +453,40 @@ class GPT2(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         mask: torch.Tensor | None = None,
+        dropout_masks: DropoutMasks | None = None,
     ) -> torch.Tensor:
         """ln_f of the last block: tokens [B, T] -> [B, T, C]. No input checks (callers do them).
 
         ``positions`` [B, T] (None: slots start..start+T-1 for every row); ``cache``/``start``/``mask`` as in
-        :meth:`CausalSelfAttention.forward`.
+        :meth:`CausalSelfAttention.forward`; ``dropout_masks``: keep-masks to drop with instead of random ones.
         """
         T = tokens.shape[1]
         pos_emb = self.wpe.weight[start : start + T] if positions is None else self.wpe(positions)
-        x = self.wte(tokens) + pos_emb  # [B, T, C]
+        keep = None if dropout_masks is None else self._keep_tensors(dropout_masks)
+        x = dropout(self.wte(tokens) + pos_emb, self.config.embd_pdrop, self.training,
+                    None if keep is None else keep[0])  # [B, T, C]
         for i, block in enumerate(self.h):
-            x = block(x, self.attn_impl, None if cache is None else cache.layer(i), start, mask)
+            block_keep = None if keep is None else keep[1][i]
+            x = block(x, self.attn_impl, None if cache is None else cache.layer(i), start, mask, block_keep)
         return self.ln_f(x)
+
+    def _keep_tensors(self, masks: DropoutMasks) -> tuple[torch.Tensor | None, list[tuple]]:
+        """The NumPy keep-masks on this module's device: (embeddings, per layer (weights, attention, MLP))."""
+
+        def tensor(mask: np.ndarray | None) -> torch.Tensor | None:
+            return None if mask is None else torch.from_numpy(mask).to(self.device)
+
+        layers = [tuple(tensor(m) for m in masks.layer(i)) for i in range(self.config.n_layer)]
+        return tensor(masks.embd), layers
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, C] -> [B, T, V]: h @ wte.T (tied) or h @ lm_head.weight.T."""
         return linear(h, self.wte.weight, onednn=self.onednn_linear) if self.lm_head is None else self.lm_head(h)
 
     def _logits_and_loss(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None
+        self, tokens: torch.Tensor, targets: torch.Tensor | None, dropout_masks: DropoutMasks | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lm_logits(self.hidden_states(tokens))
+        logits = self.lm_logits(self.hidden_states(tokens, dropout_masks=dropout_masks))
         if targets is None:
             return logits
         V = logits.shape[-1]
@@ -455,14 +497,17 @@ class GPT2(nn.Module):
         return logits, loss
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, dropout_masks: DropoutMasks | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] -> logits [B, T, V]; with targets [B, T] -> (logits, mean cross-entropy loss).
 
         Targets are already shifted by the caller (targets[:, t] is what position t predicts); entries
-        equal to -100 are ignored.
+        equal to -100 are ignored. ``dropout_masks`` (:func:`mapper.dropout.draw_dropout_masks` for this batch)
+        drops with those masks, in any mode; without them dropout is torch's own, in training mode only.
         """
         self.check_tokens(tokens)
+        if dropout_masks is not None:
+            check_dropout_masks(dropout_masks, self.config, *tokens.shape)
         if targets is not None:
             if not isinstance(targets, torch.Tensor):
                 raise ValueError(f"targets must be an integer tensor [B, T], got {type(targets).__name__}")
@@ -473,14 +518,15 @@ class GPT2(nn.Module):
                                  f"{tuple(tokens.shape)}; they must match")
         with self.autocast_context():
             fn = self._compiled_forward or self._logits_and_loss
-            return fn(tokens, targets)
+            return fn(tokens, targets, dropout_masks)
 
-    def loss_and_grads(self, tokens: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    def loss_and_grads(self, tokens: np.ndarray, targets: np.ndarray, dropout_masks: DropoutMasks | None = None
+                       ) -> tuple[float, dict[str, np.ndarray]]:
         """NumPy in, NumPy out, the shape of ``numpy_gpt2.loss_and_grads``: (mean loss, the gradient of every
         parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared); a
-        classification head, which this loss does not use, gets zeros."""
+        classification head, which this loss does not use, gets zeros. ``dropout_masks`` as in :meth:`forward`."""
         self.zero_grad(set_to_none=True)
-        _, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device))
+        _, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device), dropout_masks)
         loss.backward()
         self._zero_unused_grads()
         return float(loss.detach()), self.grads_to_params()
