@@ -39,10 +39,10 @@ def resolve_model(weights: str | None, preset: str | None, config_spec: str | No
     model, else what the config says) and gives a checkpoint none (its config.json's record of how it was trained
     before is not repeated unless asked). ``weights_flag`` names the flag in the one-line errors."""
     if weights:
-        if preset or config_spec:
-            raise ValueError(f"give either {weights_flag} or --preset/--config, not both")
         if init:
             raise ValueError(f"--init {init} draws a fresh model; {weights_flag} starts from trained weights: give one")
+        if preset or config_spec:
+            raise ValueError(f"give either {weights_flag} or --preset/--config, not both")
         config, params = load_checkpoint(weights)
         path = str(Path(weights).resolve())
         return ResolvedModel(config.with_dropout(dropout or 0.0),

@@ -85,7 +85,7 @@ def test_convert_round_trips_every_layout(capsys, tmp_path, layout):
     assert "read back identical" in capsys.readouterr().out
     config, params = load_checkpoint(out)
     ref_config, ref = load_checkpoint(FIXTURES / "hf_tiny")
-    assert config == ref_config
+    assert config == ref_config.with_dropout(0.0)  # OpenAI's hparams.json states no dropout, transformers' 0.1
     for name in ref:
         np.testing.assert_array_equal(params[name], ref[name], err_msg=name)
     written = json.loads((out / "config.json").read_text())

@@ -93,3 +93,63 @@ def test_the_course_from_scratch_model_counts_the_book_s_parameters():
     assert GPT2Config.from_hf_dict(config.to_hf_dict()) == config
     with pytest.raises(ConfigError, match="qkv_bias must be true or false"):
         GPT2Config(qkv_bias=0)
+
+
+def test_the_course_init_is_the_book_s_model():
+    """--init course: the book's GPTModel of the 124M shape, 163,009,536 parameters as it prints them."""
+    config = GPT2Config.from_preset("gpt2").with_init("course")
+    assert (config.init, config.tie_word_embeddings, config.qkv_bias) == ("course", False, False)
+    assert (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) == (0.1, 0.1, 0.1)
+    assert count_params(config) == 163_009_536
+    assert GPT2Config.from_preset("gpt2").with_init("gpt2") == GPT2Config.from_preset("gpt2")
+    with pytest.raises(ConfigError, match="init must be one of gpt2, course, got 'book'"):
+        config.with_init("book")
+
+
+def test_course_init_statistics_per_tensor():
+    """PyTorch's defaults, tensor by tensor: nn.Embedding N(0, 1); nn.Linear weights and biases
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whose mean is 0 and std bound/sqrt(3); LayerNorm 1 and 0."""
+    C, L = 96, 3
+    config = GPT2Config(vocab_size=2000, n_positions=300, n_embd=C, n_layer=L, n_head=4, n_classes=3).with_init(
+        "course")
+    params = init_params(config, seed=1, dtype=np.float64)
+    assert set(params) == set(param_shapes(config)) and "h.0.attn.c_attn.bias" not in params
+    for name in ("wte.weight", "wpe.weight"):
+        x = params[name]
+        assert abs(x.mean()) < 5 / np.sqrt(x.size) and x.std() == pytest.approx(1.0, rel=0.01), name
+    fan_in = {"attn.c_attn.weight": C, "attn.c_proj.weight": C, "attn.c_proj.bias": C, "mlp.c_fc.weight": C,
+              "mlp.c_fc.bias": C, "mlp.c_proj.weight": 4 * C, "mlp.c_proj.bias": 4 * C}
+    uniform = {f"h.{i}.{k}": n for i in range(L) for k, n in fan_in.items()}
+    uniform.update({"lm_head.weight": C, "score.weight": C})
+    for name, n in uniform.items():
+        x, bound = params[name], 1 / np.sqrt(n)
+        assert np.all(np.abs(x) <= bound) and np.abs(x).max() > bound * (1 - 20 / x.size), name  # reaches the bound
+        assert abs(x.mean()) < 5 * bound / np.sqrt(3 * x.size), name
+        assert x.std() == pytest.approx(bound / np.sqrt(3), rel=max(0.02, 5 / np.sqrt(x.size))), name
+    for i in range(L):
+        for ln in ("ln_1", "ln_2"):
+            assert np.all(params[f"h.{i}.{ln}.weight"] == 1.0) and np.all(params[f"h.{i}.{ln}.bias"] == 0.0)
+    assert np.all(params["ln_f.weight"] == 1.0) and np.all(params["ln_f.bias"] == 0.0)
+    assert len(params) == len(uniform) + 2 + 4 * L + 2  # nothing else: embeddings, 4 LayerNorm tensors a block, ln_f
+
+
+def test_course_init_is_reproducible_and_dtype_independent_and_not_gpt2s():
+    config = GPT2Config(vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2).with_init("course")
+    a, c = init_params(config, 5, np.float64), init_params(config, 5, np.float32)
+    assert all(np.array_equal(c[k], a[k].astype(np.float32)) for k in a)
+    gpt2 = init_params(config.replace(init="gpt2"), 5, np.float64)
+    assert gpt2["wte.weight"].std() < 0.05 < 0.5 < a["wte.weight"].std()
+
+
+def test_dropout_and_init_fields_round_trip_through_config_json():
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4).with_init("course")
+    config = config.replace(attn_pdrop=0.2)
+    hf = config.to_hf_dict()
+    assert (hf["embd_pdrop"], hf["attn_pdrop"], hf["resid_pdrop"], hf["gpt2_init"]) == (0.1, 0.2, 0.1, "course")
+    assert GPT2Config.from_hf_dict(hf) == config
+    plain = GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4)
+    assert "gpt2_init" not in plain.to_hf_dict() and plain.to_hf_dict()["attn_pdrop"] == 0.0
+    assert GPT2Config.from_spec(None, "n_layer=1,resid_pdrop=0.3").resid_pdrop == 0.3
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ConfigError, match=r"attn_pdrop must be a number in \[0, 1\)"):
+            plain.replace(attn_pdrop=bad)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import numpy_gpt2
 from mapper import GPT2Config, init_params
+from mapper.dropout import draw_dropout_masks
 from numpy_gpt2 import fast, ops
 
 seeds = st.integers(0, 2**32 - 1)
@@ -23,6 +24,22 @@ def test_attention_in_query_blocks_equals_the_spec(B, T, n_head, hs, block, seed
     up = rng.standard_normal((B, T, C))
     y_spec, cache_spec = ops.attention_forward(qkv, n_head)
     y_fast, cache_fast = fast.attention_forward(qkv, n_head, block=block)
+    np.testing.assert_allclose(y_fast, y_spec, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(fast.attention_backward(up, cache_fast)[0], ops.attention_backward(up, cache_spec)[0],
+                               rtol=0, atol=1e-12)
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 9), n_head=st.integers(1, 3), hs=st.integers(1, 4),
+       block=st.integers(1, 10), p=st.floats(0.05, 0.9), seed=seeds)
+def test_attention_blocks_with_dropout_equal_the_spec(B, T, n_head, hs, block, p, seed):
+    """The same keep-mask on the weights: each query block takes its rows and keys of it."""
+    rng = np.random.default_rng(seed)
+    C = n_head * hs
+    qkv = rng.standard_normal((B, T, 3 * C))
+    up = rng.standard_normal((B, T, C))
+    keep = rng.random((B, n_head, T, T)) >= p
+    y_spec, cache_spec = ops.attention_forward(qkv, n_head, keep=keep, p=p)
+    y_fast, cache_fast = fast.attention_forward(qkv, n_head, keep=keep, p=p, block=block)
     np.testing.assert_allclose(y_fast, y_spec, rtol=0, atol=1e-13)
     np.testing.assert_allclose(fast.attention_backward(up, cache_fast)[0], ops.attention_backward(up, cache_spec)[0],
                                rtol=0, atol=1e-12)
@@ -74,15 +91,17 @@ def models(draw):
     return config, draw(st.integers(1, 3)), draw(st.integers(1, config.n_positions)), draw(seeds)
 
 
-@given(models())
-def test_whole_model_fast_equals_spec(model):
+@given(models(), st.sampled_from([0.0, 0.2]))
+def test_whole_model_fast_equals_spec(model, dropout):
     config, B, T, seed = model
+    config = config.with_dropout(dropout)
     rng = np.random.default_rng(seed)
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in init_params(config, seed, np.float64).items()}
     tokens = rng.integers(0, config.vocab_size, (B, T))
     targets = rng.integers(0, config.vocab_size, (B, T))
-    loss_spec, grads_spec = numpy_gpt2.loss_and_grads(params, config, tokens, targets)
-    loss_fast, grads_fast = numpy_gpt2.loss_and_grads(params, config, tokens, targets, fast=True)
+    masks = draw_dropout_masks(config, B, T, rng) if dropout else None
+    loss_spec, grads_spec = numpy_gpt2.loss_and_grads(params, config, tokens, targets, dropout_masks=masks)
+    loss_fast, grads_fast = numpy_gpt2.loss_and_grads(params, config, tokens, targets, fast=True, dropout_masks=masks)
     assert abs(loss_fast - loss_spec) <= 1e-13
     for name, g in grads_spec.items():
         np.testing.assert_allclose(grads_fast[name], g, rtol=0, atol=1e-12, err_msg=name)

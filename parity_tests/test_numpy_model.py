@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import numpy_gpt2
 from mapper import GPT2Config, init_params, load_checkpoint
+from mapper.dropout import draw_dropout_masks
 from mapper.training import Batch
 from numpy_gpt2 import ops
 from numpy_gpt2.backend import NumpyBackend
@@ -147,6 +148,39 @@ def test_model_gradients_match_finite_differences(model):
     errors = check_model_gradients(params, config, tokens, targets, entries_per_tensor=None)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-6, f"{worst}: relative error {errors[worst]:.2e}"
+
+
+@given(small_models(), st.floats(0.05, 0.6), st.floats(0.05, 0.6), st.floats(0.05, 0.6))
+def test_model_gradients_with_dropout_match_finite_differences(model, embd_pdrop, attn_pdrop, resid_pdrop):
+    """Dropout at its three places with one fixed set of masks: the whole model's gradient is still exact."""
+    config, B, T, seed = model
+    config = config.replace(embd_pdrop=embd_pdrop, attn_pdrop=attn_pdrop, resid_pdrop=resid_pdrop)
+    rng = np.random.default_rng(seed)
+    params = perturbed_params(config, seed)
+    tokens = rng.integers(0, config.vocab_size, (B, T))
+    targets = rng.integers(0, config.vocab_size, (B, T))
+    masks = draw_dropout_masks(config, B, T, rng)
+    masks.embd[0, 0, 0] = False  # at least one entry dropped, however small the drawn shape
+    dropped = numpy_gpt2.loss(params, config, tokens, targets, dropout_masks=masks)
+    assert dropped != numpy_gpt2.loss(params, config, tokens, targets)  # the masks take part in the loss
+    errors = check_model_gradients(params, config, tokens, targets, entries_per_tensor=8, dropout_masks=masks)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-6, f"{worst}: relative error {errors[worst]:.2e}"
+
+
+def test_dropout_masks_that_do_not_fit_are_refused():
+    config = GPT2Config(vocab_size=11, n_positions=6, n_embd=6, n_layer=2, n_head=2).with_dropout(0.1)
+    params = init_params(config, 0, np.float64)
+    tokens = np.array([[1, 2, 3]])
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"dropout mask embd is bool \(1, 4, 6\); expected bool \(1, 3, 6\)"):
+        numpy_gpt2.forward(params, config, tokens, dropout_masks=draw_dropout_masks(config, 1, 4, rng))
+    no_attn = draw_dropout_masks(config.replace(attn_pdrop=0.0), 1, 3, rng)
+    with pytest.raises(ValueError, match=r"dropout mask attn\[0\]: missing, but the model's probability there is 0.1"):
+        numpy_gpt2.forward(params, config, tokens, dropout_masks=no_attn)
+    with pytest.raises(ValueError, match="dropout masks for 1 layers, the model has 2"):
+        numpy_gpt2.forward(params, config, tokens, dropout_masks=draw_dropout_masks(config.replace(n_layer=1), 1, 3,
+                                                                                     rng))
 
 
 def test_untied_head_gets_its_own_gradient():

@@ -85,8 +85,35 @@ def test_gelu(shape, scale, seed):
     assert_grad_matches(f, x, dx)
 
 
-def reference_attention(qkv: np.ndarray, n_head: int) -> np.ndarray:
-    """Per-head loops: an independent, obviously-correct causal attention."""
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), p=st.floats(0.0, 0.9), seed=seeds)
+def test_dropout_with_a_fixed_mask(shape, p, seed):
+    """With its keep-mask held fixed, dropout is a fixed linear map: finite differences are its exact derivative."""
+    rng = np.random.default_rng(seed)
+    x, up = rng.standard_normal(shape), rng.standard_normal(shape)
+    keep = rng.random(shape) >= p
+
+    def f():
+        return float(np.sum(ops.dropout_forward(x, keep, p)[0] * up))
+
+    y, cache = ops.dropout_forward(x, keep, p)
+    np.testing.assert_allclose(y, np.where(keep, x / (1 - p), 0.0), rtol=1e-15, atol=0)  # inverted dropout, by hand
+    dx, _ = ops.dropout_backward(up, cache)
+    assert np.all(dx[~keep] == 0.0)
+    assert_grad_matches(f, x, dx)
+
+
+def test_dropout_keeps_the_expectation():
+    """E[y] = x: over many draws of the mask (kept with probability 1 - p) the mean of y approaches x."""
+    p, n = 0.3, 200_000
+    rng = np.random.default_rng(0)
+    x = np.full(n, 2.0)
+    y, _ = ops.dropout_forward(x, rng.random(n) >= p, p)
+    assert np.mean(y == 0.0) == pytest.approx(p, abs=5 * np.sqrt(p * (1 - p) / n))
+    assert y.mean() == pytest.approx(2.0, abs=5 * 2.0 * np.sqrt(p / (1 - p) / n))
+
+
+def reference_attention(qkv: np.ndarray, n_head: int, keep: np.ndarray | None = None, p: float = 0.0) -> np.ndarray:
+    """Per-head loops: an independent, obviously-correct causal attention (its weights times keep / (1 - p))."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
@@ -98,8 +125,11 @@ def reference_attention(qkv: np.ndarray, n_head: int) -> np.ndarray:
             v = qkv[b, :, 2 * C + h * hs : 2 * C + (h + 1) * hs]
             for t in range(T):
                 s = q[t] @ k[: t + 1].T / np.sqrt(hs)
-                p = np.exp(s - s.max())
-                y[b, t, h * hs : (h + 1) * hs] = (p / p.sum()) @ v[: t + 1]
+                w = np.exp(s - s.max())
+                w = w / w.sum()
+                if keep is not None:
+                    w = w * keep[b, h, t, : t + 1] / (1 - p)
+                y[b, t, h * hs : (h + 1) * hs] = w @ v[: t + 1]
     return y
 
 
@@ -115,6 +145,23 @@ def test_attention(B, T, n_head, hs, seed):
 
     y, cache = ops.attention_forward(qkv, n_head)
     np.testing.assert_allclose(y, reference_attention(qkv, n_head), rtol=1e-12, atol=1e-12)
+    dqkv, _ = ops.attention_backward(up, cache)
+    assert_grad_matches(f, qkv, dqkv)
+
+
+@given(B=batch, T=time, n_head=st.integers(1, 3), hs=st.integers(1, 4), p=st.floats(0.05, 0.9), seed=seeds)
+def test_attention_with_dropout_on_its_weights(B, T, n_head, hs, p, seed):
+    rng = np.random.default_rng(seed)
+    C = n_head * hs
+    qkv = rng.standard_normal((B, T, 3 * C))
+    up = rng.standard_normal((B, T, C))
+    keep = rng.random((B, n_head, T, T)) >= p
+
+    def f():
+        return float(np.sum(ops.attention_forward(qkv, n_head, keep=keep, p=p)[0] * up))
+
+    y, cache = ops.attention_forward(qkv, n_head, keep=keep, p=p)
+    np.testing.assert_allclose(y, reference_attention(qkv, n_head, keep, p), rtol=1e-12, atol=1e-12)
     dqkv, _ = ops.attention_backward(up, cache)
     assert_grad_matches(f, qkv, dqkv)
 

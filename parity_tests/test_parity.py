@@ -2,7 +2,9 @@
 
 Hypothesis draws the config (layers, heads, head size, vocabulary, context, tied or untied head), the
 weights and the token batches. Compared: logits, loss, every gradient, losses and parameters over
-several AdamW steps, and the tokens sampled for a seed.
+several AdamW steps, and the tokens sampled for a seed; with dropout on, the same again with both backends given
+the same keep-masks (drawn from a seeded NumPy generator), and torch's own random dropout against the spec's in
+expectation.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from hypothesis import strategies as st
 
 import numpy_gpt2
 from mapper import GPT2Config, init_params
+from mapper.dropout import DropoutMasks, draw_dropout_masks
 from mapper.parity import DRAWN_MODEL_TOLERANCES, ModelOutputs, compare_outputs
 from mapper.training import Batch
 from numpy_gpt2.backend import NumpyBackend
 from numpy_gpt2.model import lm_forward
 from torch_gpt2 import GPT2, KVCache, configure_adamw, generate, train_step
+from torch_gpt2.backend import TorchBackend
 
 LAYOUTS = ("custom", "fused")
 
@@ -60,13 +64,14 @@ def make_batch(config: GPT2Config, B: int, T: int, seed: int) -> tuple[np.ndarra
     return tokens, targets
 
 
-def assert_agree(engine: GPT2, params, config, tokens, targets, dtype: str) -> None:
-    """The engine's logits, loss and every gradient against the spec's, within mapper.parity's limits."""
-    ref = ModelOutputs(numpy_gpt2.forward(params, config, tokens), *numpy_gpt2.loss_and_grads(params, config, tokens,
-                                                                                              targets))
+def assert_agree(engine: GPT2, params, config, tokens, targets, dtype: str, masks: DropoutMasks | None = None) -> None:
+    """The engine's logits, loss and every gradient against the spec's, within mapper.parity's limits (both given
+    the keep-masks ``masks``, if any)."""
+    ref = ModelOutputs(numpy_gpt2.forward(params, config, tokens, dropout_masks=masks),
+                       *numpy_gpt2.loss_and_grads(params, config, tokens, targets, dropout_masks=masks))
     with torch.no_grad():
-        logits = engine(torch.from_numpy(tokens)).numpy()
-    got = ModelOutputs(logits, *engine.loss_and_grads(tokens, targets))
+        logits = engine(torch.from_numpy(tokens), dropout_masks=masks).numpy()
+    got = ModelOutputs(logits, *engine.loss_and_grads(tokens, targets, masks))
     failed = [c for c in compare_outputs(got, ref, DRAWN_MODEL_TOLERANCES[dtype]) if not c.ok]
     assert not failed, f"{engine.attention}: " + "; ".join(f"{c.name} {c.max_abs:.2e} ({c.relative:.1e})"
                                                             for c in failed)
@@ -95,6 +100,25 @@ def test_float32_agrees_within_measured_tolerance(model):
         engine = GPT2.from_params(params, config, layout, device="cpu")
         assert engine.dtype == torch.float32
         assert_agree(engine, params, config, tokens, targets, "float32")
+
+
+dropout_rates = st.tuples(*[st.sampled_from([0.0, 0.1, 0.5])] * 3).filter(any)  # at least one place drops
+
+
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+@given(models(), dropout_rates)
+def test_float64_with_shared_dropout_masks_logits_loss_and_every_gradient_agree(attn_impl, model, rates):
+    """Dropout on: both backends given the same masks compute the same logits, loss and gradients (SDPA cannot take
+    a mask, so with masks the engine writes the attention out whatever attn_impl says)."""
+    config, B, T, seed = model
+    config = config.replace(embd_pdrop=rates[0], attn_pdrop=rates[1], resid_pdrop=rates[2])
+    params = make_params(config, seed)
+    tokens, targets = make_batch(config, B, T, seed)
+    masks = draw_dropout_masks(config, B, T, np.random.default_rng(seed))
+    for layout in LAYOUTS:
+        engine = GPT2.from_params(params, config, layout, device="cpu", attn_impl=attn_impl)
+        assert not engine.training  # masks apply in eval mode too: they are an explicit request
+        assert_agree(engine, params, config, tokens, targets, "float64", masks)
 
 
 @given(models(), st.lists(st.integers(1, 4), min_size=1, max_size=4))
@@ -150,6 +174,73 @@ def test_adamw_steps_agree(model, lr, weight_decay, max_grad_norm):
         np.testing.assert_allclose(final[name], p, rtol=0, atol=1e-6 * total_lr, err_msg=name)
 
 
+@given(models(), dropout_rates, st.floats(1e-3, 3e-2), st.sampled_from([None, 0.5]))
+def test_adamw_steps_with_shared_dropout_masks_agree(model, rates, lr, max_grad_norm):
+    """Several AdamW steps with dropout, fresh masks each step given to both: same losses, same parameters, for
+    both layouts."""
+    config, B, T, seed = model
+    config = config.replace(embd_pdrop=rates[0], attn_pdrop=rates[1], resid_pdrop=rates[2])
+    params = make_params(config, seed)
+    spec_params = {k: v.copy() for k, v in params.items()}
+    spec = numpy_gpt2.AdamW(spec_params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    engines = {layout: GPT2.from_params(params, config, layout, device="cpu") for layout in LAYOUTS}
+    optimizers = {layout: configure_adamw(e, lr=lr, weight_decay=0.1, betas=(0.9, 0.95)) for layout, e in
+                  engines.items()}
+    rng = np.random.default_rng(seed)
+    for step in range(4):
+        tokens, targets = make_batch(config, B, T, seed + step)
+        masks = draw_dropout_masks(config, B, T, rng)
+        ref_loss, grads = numpy_gpt2.loss_and_grads(spec_params, config, tokens, targets, dropout_masks=masks)
+        numpy_gpt2.clip_grad_norm(grads, max_grad_norm)
+        spec.step(spec_params, grads, lr=lr)
+        for layout, engine in engines.items():
+            optimizers[layout].zero_grad(set_to_none=True)
+            _, loss = engine(torch.from_numpy(tokens), torch.from_numpy(targets), dropout_masks=masks)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(engine.parameters(), max_grad_norm)
+            optimizers[layout].step()
+            assert abs(float(loss) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss)), (layout, step)
+    for layout, engine in engines.items():  # compared on the scale of the steps, as in test_adamw_steps_agree
+        final = engine.to_params()
+        for name, p in spec_params.items():
+            np.testing.assert_allclose(final[name], p, rtol=0, atol=1e-6 * 4 * lr, err_msg=f"{layout} {name}")
+
+
+@pytest.mark.parametrize("place", ["embd_pdrop", "attn_pdrop", "resid_pdrop"])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+def test_torch_native_dropout_equals_the_spec_in_expectation(place, attn_impl):
+    """Normal runs drop with torch's own random masks (SDPA's on the attention weights), which cannot be shared; they
+    must be the same random function as the spec's. Each row of a large batch of one repeated sequence draws its own
+    masks, so the mean loss over rows estimates E_masks[loss]: torch's (training mode) and the spec's (masks from
+    mapper.dropout) must agree within 5 standard errors, while both differ from the loss without dropout by far
+    more, so a dropout at the wrong place or with the wrong scale would show."""
+    config = GPT2Config(vocab_size=13, n_positions=6, n_embd=8, n_layer=2, n_head=2).replace(**{place: 0.5})
+    params = make_params(config, 7, scale=1.0)
+    rows = 4096
+    tokens = np.tile(np.array([[3, 1, 4, 1, 5, 9]]), (rows, 1))
+    targets = np.tile(np.array([[1, 4, 1, 5, 9, 2]]), (rows, 1))
+
+    def row_losses(logits: np.ndarray) -> np.ndarray:  # [rows, T, V] -> each row's mean cross-entropy
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -np.take_along_axis(logp, targets[..., None], -1)[..., 0].mean(-1)
+
+    masks = draw_dropout_masks(config, rows, tokens.shape[1], np.random.default_rng(1))
+    spec = row_losses(numpy_gpt2.forward(params, config, tokens, dropout_masks=masks))
+    engine = GPT2.from_params(params, config, "fused", device="cpu", attn_impl=attn_impl)
+    engine.train()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        native = row_losses(engine(torch.from_numpy(tokens)).numpy())
+        engine.eval()
+        no_dropout = row_losses(engine(torch.from_numpy(tokens)).numpy())[0]
+    se = np.sqrt((spec.var() + native.var()) / rows)
+    assert abs(native.mean() - spec.mean()) < 5 * se, (native.mean(), spec.mean(), se)
+    assert abs(spec.mean() - no_dropout) > 20 * se and native.std() > 0.05  # the test can tell dropout from none
+    np.testing.assert_allclose(no_dropout, numpy_gpt2.loss(params, config, tokens[:1], targets[:1]), rtol=1e-12)
+
+
 @given(models(max_layers=1), st.floats(0.5, 2.0), st.one_of(st.none(), st.integers(1, 10)),
        st.one_of(st.none(), st.floats(0.3, 1.0)), st.integers(0, 2**31))
 def test_sampled_tokens_agree(model, temperature, top_k, top_p, seed):
@@ -174,3 +265,30 @@ def test_greedy_tokens_and_eos_agree():
     for layout in LAYOUTS:
         engine = GPT2.from_params(params, config, layout, device="cpu")
         np.testing.assert_array_equal(np.asarray(generate(engine, torch.from_numpy(prompt), 15, eos_token_id=7)), ref)
+
+
+def test_dropout_is_off_in_evaluation_on_both_backends():
+    """A model with dropout 0.5 everywhere: a training-mode forward is random, while evaluation (the module's eval
+    mode, the backends' loss, class logits and greedy samples) is the model without dropout, on both backends."""
+    config = GPT2Config(vocab_size=29, n_positions=10, n_embd=12, n_layer=2, n_head=3).with_dropout(0.5)
+    plain = config.with_dropout(0.0)
+    params = make_params(config, 3)
+    tokens, targets = make_batch(config, 2, 8, 3)
+    reference = numpy_gpt2.loss(params, plain, tokens, targets)
+    engine = GPT2.from_params(params, config, "fused", device="cpu")
+    with torch.no_grad():
+        assert not engine.training
+        np.testing.assert_allclose(engine(torch.from_numpy(tokens)).numpy(),
+                                   numpy_gpt2.forward(params, plain, tokens), rtol=0, atol=1e-12)
+        engine.train()
+        first, second = (engine(torch.from_numpy(tokens)).numpy() for _ in range(2))
+        assert not np.allclose(first, second)
+    batch = Batch(tokens, targets)
+    for backend in (NumpyBackend(config, params, 0.0, "matrices"), TorchBackend(config, params, 0.0, "matrices",
+                                                                                 device="cpu", dtype="float64")):
+        assert backend.loss(batch) == pytest.approx(reference, rel=1e-12)
+        train_loss, _ = backend.step([batch], lr=0.0, grad_clip=None)  # lr 0: the parameters stay put
+        assert abs(train_loss - reference) > 1e-3, backend.name  # the step dropped
+        assert backend.loss(batch) == pytest.approx(reference, rel=1e-12), backend.name
+        assert backend.greedy([1, 2, 3], 5, None) == numpy_gpt2.generate(params, plain, np.array([[1, 2, 3]]),
+                                                                          5)[0, 3:].tolist()
