@@ -32,15 +32,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="pretrain on text files (resumable; torchrun for several processes)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Pretrain GPT-2 from its seeded initialisation (or from --init-from) on text files, as the "
+        description="Pretrain GPT-2 from a seeded initialisation (GPT-2's, or the course's with --init course) or "
+        "from --init-from, on text files, as the "
         "course's chapter 5 does on The Verdict: the text is tokenized, split 90/10 by position into training "
         "and validation text, and cut into windows of --context tokens every --stride tokens. Every --eval-every "
         "steps the train and validation losses and a greedy sample are logged. DIR receives log.jsonl, loss.png, "
         "the model (Hugging Face layout: `gpt2 generate --weights DIR` and transformers load it) and a checkpoint "
         "that --resume continues bit-exactly. Ctrl-C writes a checkpoint and stops. Several processes: "
         "`torchrun --nproc-per-node N $(which gpt2) train --backend torch ...` (DistributedDataParallel).",
-        epilog="The course's run: gpt2 train --data data/the-verdict.txt --out runs/verdict --epochs 10 "
-        "--decay all (124M shape, context 256, batch 2, lr 4e-4, weight decay 0.1, eval every 5 steps).",
+        epilog="The course's run: gpt2 train --data data/the-verdict.txt --out runs/verdict --init course --epochs 10 "
+        "--decay all (the book's GPTModel of the 124M shape, 163M parameters with its untied head, dropout 0.1; "
+        "context 256, batch 2, lr 4e-4, weight decay 0.1, eval every 5 steps).",
     )
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, joined with "
                    "<|endoftext|>")

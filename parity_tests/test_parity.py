@@ -200,7 +200,7 @@ def test_adamw_steps_with_shared_dropout_masks_agree(model, rates, lr, max_grad_
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(engine.parameters(), max_grad_norm)
             optimizers[layout].step()
-            assert abs(float(loss) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss)), (layout, step)
+            assert abs(float(loss.detach()) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss)), (layout, step)
     for layout, engine in engines.items():  # compared on the scale of the steps, as in test_adamw_steps_agree
         final = engine.to_params()
         for name, p in spec_params.items():

@@ -50,7 +50,7 @@ class RunArgs:
     backend: str
     dtype: str
     config: dict
-    init: str  # "seed N" (GPT-2's initialisation) or the checkpoint started from
+    init: str  # "seed N" (drawn as config["init"] says: GPT-2's or the course's) or the checkpoint started from
     data: list[str]
     data_sha256: str
     context: int
