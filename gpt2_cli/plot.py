@@ -18,21 +18,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="PNG", help="the figure to write")
     p.add_argument("--labels", default=None, help="comma-separated names of the runs (default: folder names)")
     p.add_argument("--title", default=None, help="the figure's title")
+    p.add_argument("--reference", nargs="+", default=[], metavar="JSON",
+                   help="published points to draw as markers (a JSON object: label, points with tokens_seen and "
+                   "train_loss/val_loss), e.g. benchmarks/results/pretrain-verdict/book.json")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from tasks.plots import plot_losses
-    from tasks.runlog import read_run_log, seconds_per_step
+    from tasks.runlog import read_reference, read_run_log, seconds_per_step
 
     labels = args.labels.split(",") if args.labels else [Path(d).name for d in args.runs]
     if len(labels) != len(args.runs):
         raise ValueError(f"--labels names {len(labels)} runs, but {len(args.runs)} folders are given")
     runs = {label: read_run_log(Path(d)) for label, d in zip(labels, args.runs, strict=True)}
+    references = dict(read_reference(Path(f)) for f in args.reference)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: folder {out.parent} does not exist")
-    plot_losses(runs, out, args.title)
+    plot_losses(runs, out, args.title, references)
     for label, records in runs.items():
         last = records[-1]
         val = f", val loss {last['val_loss']:.3f}" if "val_loss" in last else ""

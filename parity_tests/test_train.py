@@ -379,9 +379,16 @@ def test_plot_overlays_runs_and_reports_time_per_step(text, tmp_path, capsys):
     assert gpt2_train(text, a, "--max-steps", "4") == 0
     assert gpt2_train(text, b, "--max-steps", "4", "--lr", "1e-3") == 0
     capsys.readouterr()
-    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "both.png"), "--labels", "slow,fast"]) == 0
+    book = REPO / "benchmarks" / "results" / "pretrain-verdict" / "book.json"
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "both.png"), "--labels", "slow,fast", "--reference",
+                 str(book)]) == 0
     out = capsys.readouterr().out
     assert "slow: 4 steps" in out and "fast: 4 steps" in out and "s/step (median)" in out
     assert (tmp_path / "both.png").stat().st_size > 1000
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no log.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"label": "x", "points": [{"tokens_seen": 512}]}')
+    assert main(["plot", str(a), "--out", str(tmp_path / "x.png"), "--reference", str(bad)]) == 2
+    assert "point 0 needs an integer tokens_seen and a train_loss or val_loss" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 
-def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None) -> None:
+def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None,
+                references: dict[str, list[dict]] | None = None) -> None:
     """Train and validation loss against tokens seen, like the course's figure; several runs on one figure.
 
-    ``runs`` maps a label to a run's log records (``tasks.runlog``). The PNG is written to a temporary name and
+    ``runs`` maps a label to a run's log records (``tasks.runlog``); ``references`` maps a label to published points
+    (``tasks.runlog.read_reference``), drawn as unconnected markers. The PNG is written to a temporary name and
     renamed over ``out``, so a reader never sees half a picture."""
     import matplotlib
 
@@ -27,6 +29,11 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None
         val = [r for r in evals if "val_loss" in r]
         ax.plot([r["tokens_seen"] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker=".",
                 label=f"{label}: validation")
+    for label, points in (references or {}).items():
+        for key, marker, name in (("train_loss", "x", "train"), ("val_loss", "+", "validation")):
+            shown = [p for p in points if key in p]
+            ax.scatter([p["tokens_seen"] for p in shown], [p[key] for p in shown], color="black", marker=marker,
+                       s=60, zorder=3, label=f"{label}: {name}")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title or "training and validation loss")

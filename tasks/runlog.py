@@ -48,6 +48,24 @@ def read_run_log(run_dir: Path) -> list[dict]:
     return records
 
 
+def read_reference(path: Path) -> tuple[str, list[dict]]:
+    """Published evaluation points to draw beside runs (``gpt2 plot --reference``): a JSON object with ``label`` and
+    ``points``, each point holding ``tokens_seen`` and ``train_loss`` and/or ``val_loss``. ``ValueError`` naming the
+    file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"reference {path} is not a readable JSON file: {e}") from None
+    points = data.get("points") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("label"), str) or not isinstance(points, list):
+        raise ValueError(f"reference {path} must be a JSON object with a 'label' string and a 'points' list")
+    for i, point in enumerate(points):
+        if not (isinstance(point, dict) and isinstance(point.get("tokens_seen"), int)
+                and ({"train_loss", "val_loss"} & set(point))):
+            raise ValueError(f"reference {path}: point {i} needs an integer tokens_seen and a train_loss or val_loss")
+    return data["label"], points
+
+
 def seconds_per_step(records: list[dict]) -> float:
     """Median time of one optimizer step (``elapsed`` counts steps only, not evaluation or checkpoints)."""
     elapsed = [0.0] + [r["elapsed"] for r in records]
