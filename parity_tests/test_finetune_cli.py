@@ -123,3 +123,22 @@ def test_finetune_refuses_bad_input_in_one_line(slices, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
         assert not out.exists()
+
+
+def test_course_defaults_and_the_random_init_note(slices, tmp_path, capsys):
+    """Chapter 6 trains 5 epochs; chapter 7 trains 2 epochs and evaluates every 5 steps. A run that does not start
+    from pretrained weights says so, and names the course's setting."""
+    from gpt2_cli.main import build_parser
+
+    parser = build_parser()
+    data = str(slices / "sms.tsv")
+    classify = parser.parse_args(["finetune", "classify", "--data", data, "--out", "x"])
+    instruct = parser.parse_args(["finetune", "instruct", "--data", data, "--out", "x"])
+    assert (classify.epochs, classify.eval_every) == (5, 50)
+    assert (instruct.epochs, instruct.eval_every) == (2, 5)
+    assert parser.parse_args(["train", "--data", data, "--out", "x"]).epochs is None  # gpt2 train: 1 unless asked
+    capsys.readouterr()
+    assert main(["finetune", "classify", "--data", data, "--out", str(tmp_path / "c"), "--backend", "numpy", *TINY,
+                 "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "starting from a random initialisation (seed 123)" in err and "--init-from gpt2" in err
