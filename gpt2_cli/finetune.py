@@ -217,10 +217,9 @@ def run_classify(args: argparse.Namespace) -> int:
 def run_instruct(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
     from tasks.finetune import ExampleData
-    from tasks.inference import greedy_all
+    from tasks.inference import instruction_responses
     from tasks.instruct import encode_examples, inference_prompt, read_instructions, split_instructions
     from tasks.loop import RunArgs
-    from tasks.metrics import rouge_l
 
     entries = read_instructions(args.data)
     train_idx, val_idx, test_idx = split_instructions(len(entries), args.seed)
@@ -242,13 +241,10 @@ def run_instruct(args: argparse.Namespace) -> int:
         return 0
     backend = _final_backend(args, config, lora, device)
     test = [entries[i] for i in test_idx][: args.test_limit]
-    prompts = [encoder.encode(inference_prompt(e)) for e in test]
-    responses = greedy_all(backend, prompts, args.max_new_tokens, encoder, "test responses")
-    records = [{**e, "model_response": r.strip()} for e, r in zip(test, responses, strict=True)]
+    records, rouge = instruction_responses(backend, test, encoder, args.max_new_tokens)
     _write_json(Path(args.out) / "test_responses.json", records)
     val_loss = progress.history[-1].get("val_loss") if progress.history else None
-    metrics = {"rouge_l": rouge_l([r["model_response"] for r in records], [r["output"] for r in records]),
-               "val_loss": val_loss, "n_test": len(records), "steps": progress.step,
+    metrics = {"rouge_l": rouge, "val_loss": val_loss, "n_test": len(records), "steps": progress.step,
                "train_seconds": round(progress.elapsed, 1)}
     _write_json(Path(args.out) / "metrics.json", metrics)
     print(f"ROUGE-L {metrics['rouge_l']:.4f} over {len(records)} test responses, validation loss {val_loss:.3f}; "
