@@ -76,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
         lines = "".join(json.dumps({**p, **r}) + "\n" for p, r in zip(predictions, scored["results"], strict=True))
         atomic_write(out, lambda f: f.write(lines.encode()))
         print(f"predictions in {out}", file=sys.stderr)
-    summary = {k: scored[k] for k in ("accuracy", "correct", "n")}
+    summary = {k: scored[k] for k in ("accuracy", "correct", "n", "parse_rate")}
     if args.json:
         atomic_write(Path(args.json), lambda f: f.write((json.dumps(summary) + "\n").encode()))
     print(f"GSM8K exact match: {scored['correct']}/{scored['n']} = {scored['accuracy']:.2%} "
-          f"({scored['n_no_answer']} responses without an <answer>)")
+          f"({scored['n_no_answer']} responses without an <answer>; {scored['parse_rate']:.0%} of the answers hold a "
+          "number)")
     return 0
 
 
