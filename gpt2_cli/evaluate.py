@@ -19,14 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "instruct", help="ROUGE-L on the instruction test split",
         description="Greedy responses to the test split of an instruction file (the split `gpt2 finetune instruct "
         "--seed S` makes: 85/10/5 of a seeded permutation) in the Alpaca template, scored by ROUGE-L against the "
-        "references. Any model: --weights, or GPT-2's init of --preset/--config with --init-seed (the untrained "
-        "baseline a fine-tune is compared with).")
+        "references. Any model: --weights, or GPT-2's init (or the course's, --init course) of --preset/--config "
+        "with --init-seed (the untrained baseline a fine-tune is compared with).")
     add_model_args(i, "gpt2, the 124M shape")
     i.add_argument("--data", required=True, metavar="FILE", help="instruction JSON (instruction, input, output)")
     i.add_argument("--seed", type=int, default=123,
                    help="the split's seed, gpt2 finetune instruct's --seed (default 123)")
     i.add_argument("--init-seed", type=int, default=123,
-                   help="the seed of GPT-2's init when no --weights (default 123)")
+                   help="the seed of the init when no --weights (default 123)")
     i.add_argument("--limit", type=positive_int, default=None, help="the first N test records only")
     i.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per response at most (default 256)")
     i.add_argument("--backend", choices=["numpy", "torch"], default="torch",
@@ -114,7 +114,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     _, _, test_idx = split_instructions(len(entries), args.seed)
     test = [entries[i] for i in test_idx][: args.limit]
     encoder = load_tokenizer_for(args.tokenizer)
-    source = resolve_model(args.weights, args.preset, args.config, "float32", args.init_seed)
+    source = resolve_model(args.weights, args.preset, args.config, "float32", args.init_seed, init=args.init)
     backend = inference_backend(args.backend, source.config, source.params, args.device)
     records, rouge = instruction_responses(backend, test, encoder, args.max_new_tokens)
     result = {"model": source.description, "rouge_l": rouge, "n_test": len(records), "responses": records}
