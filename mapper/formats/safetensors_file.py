@@ -1,5 +1,10 @@
 """Safetensors files: read (the header checked, each tensor read straight into a fresh array) and written.
 
+Reading validates first, with the ``safetensors`` library itself (the format's reference): its ``safe_open``
+parses the header and checks the dtypes, shapes and byte ranges (contiguous, non-overlapping, covering the data
+exactly) without reading the tensors. Only a file it accepts reaches the header parse here, whose readers then
+fill each fresh array with ``readinto``, so a load costs 1.0x the file in memory.
+
 Layout: u64 little-endian header length N, N bytes of JSON (``{key: {dtype, shape, data_offsets}}`` and an
 optional ``__metadata__`` of strings), then the tensors' bytes. Also the sharded form: an index JSON whose
 ``weight_map`` names the shard of each key.
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from mapper.atomic import atomic_write
 from mapper.errors import CheckpointError
@@ -47,6 +53,7 @@ def safetensors_source(file: Path) -> dict[str, Stored]:
                     f"{file} is not a valid safetensors file (truncated or corrupt): header length "
                     f"{header_len} but the file has {file_size} bytes"
                 )
+            validate_safetensors(file)
             header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not a valid safetensors file: its header is not JSON ({e})") from None
@@ -79,6 +86,27 @@ def safetensors_source(file: Path) -> dict[str, Stored]:
             )
         out[key] = Stored(key, shape, _safetensors_reader(file, key, code, shape, data_start + begin))
     return out
+
+
+# safetensors' reasons, in this project's words where its own are cryptic
+_REASONS = {
+    "incomplete metadata, file not fully covered": "its tensors' byte ranges do not cover the file's data exactly "
+    "(truncated, or bytes appended)",
+    "invalid offset for tensor": "the tensors' byte ranges overlap or leave a gap, at tensor",
+}
+
+
+def validate_safetensors(file: Path) -> None:
+    """``CheckpointError`` (one line) unless the ``safetensors`` library accepts the file's header: valid JSON of
+    bounded depth, known dtypes, integer shapes and offsets, byte ranges that tile the data. Reads no tensor."""
+    try:
+        with safe_open(str(file), framework="numpy"):
+            pass
+    except SafetensorError as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        reason = next((words + reason[len(key):] for key, words in _REASONS.items() if reason.startswith(key)),
+                      reason)
+        raise CheckpointError(f"{file} is not a valid safetensors file: {reason}") from None
 
 
 def safetensors_metadata(file: Path) -> dict[str, str]:
