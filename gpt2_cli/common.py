@@ -1,9 +1,10 @@
-"""What several commands share: model arguments, loading a model, the tokenizer, argument checks."""
+"""What several commands share: the parser (one-line errors, one help formatter, the options a command line
+gave), model arguments, loading a model, the tokenizer, argument checks."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import math
 
 import numpy as np
 
@@ -26,6 +27,53 @@ def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: 
                              "such as 'n_layer=2,n_embd=64' applied to the preset or default")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every command's ``--help``: an option's default is shown once, and only where it is a value the option
+    takes: not on required options, on-off flags, options without a default, or help that states its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and not action.required and default is not None and default is not argparse.SUPPRESS
+                and not isinstance(default, bool) and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _RecordsGiven:
+    """Mixed into argparse's actions: an option the command line gives is added to ``namespace.given``, so that
+    ``--resume`` can tell a value the user chose from a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given = {*namespace.given, self.dest}
+
+
+_TRACKED_ACTIONS = {
+    name: type(f"Recorded{base.__name__}", (_RecordsGiven, base), {})
+    for name, base in (("store", argparse._StoreAction), ("store_true", argparse._StoreTrueAction),
+                       ("store_false", argparse._StoreFalseAction), ("store_const", argparse._StoreConstAction),
+                       ("append", argparse._AppendAction))
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``gpt2`` parser and (as argparse makes them with the parent's class) every command's: a bad argument is
+    one line, ``gpt2 CMD: error: ...`` (exit 2); help goes through :class:`HelpFormatter`; ``namespace.given``
+    holds the destinations of the options given on the command line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        for name, action in _TRACKED_ACTIONS.items():
+            self.register("action", name, action)
+        self.register("action", None, _TRACKED_ACTIONS["store"])
+        self.set_defaults(given=frozenset())
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -35,10 +83,34 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """argparse type: an integer >= 0 (a seed, a count)."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (refuses nan and inf)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -65,7 +137,3 @@ def load_tokenizer_for(flag_value: str | None):
             raise TokenizerError(f"--tokenizer {flag_value}: {e}") from None
         raise TokenizerError(f"{e}; pass --tokenizer PATH") from None
 
-
-def same_path(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths name the same file or folder (after resolving links and '..')."""
-    return Path(a).resolve() == Path(b).resolve()

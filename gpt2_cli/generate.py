@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, "gpt2 shape, untrained, if no --weights")
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
                    help="which implementation (default torch)")
-    p.add_argument("--attention", choices=["custom", "fused"], default="fused",
-                   help="torch attention layout (default fused)")
+    p.add_argument("--attention", choices=["custom", "fused"], default=None,
+                   help="torch attention layout (default fused; the numpy backend has one)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda > mps > cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="arithmetic (default float32)")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -37,12 +37,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample only among the most likely tokens whose probabilities add up to p (0 < p <= 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler and of an untrained model's init")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help="seed of the sampler and of an untrained model's init")
     p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="gpt2.tiktoken, vocab.bpe/encoder.json, or a folder holding them (default: the copy shipped "
-                        "with this package, else $GPT2_TOKENIZER_PATH)")
+                   help="gpt2.tiktoken, vocab.bpe/encoder.json, or a folder holding them (default: "
+                        "$GPT2_TOKENIZER_PATH when set, else the copy shipped with this package)")
     p.set_defaults(func=run)
+
+
+def ignored_options(args: argparse.Namespace) -> list[str]:
+    """Options given that change nothing in this combination, each in words (never silently dropped)."""
+    lines = []
+    if args.temperature == 0:
+        ignored = [SAMPLING_FLAGS[k] for k in ("top_k", "top_p") if getattr(args, k) is not None]
+        if ignored:
+            lines.append(f"{' and '.join(ignored)} filter sampling; --temperature 0 decodes greedily, so they have "
+                         "no effect (give --temperature > 0 to sample)")
+    if args.backend == "numpy":
+        ignored = [flag for flag, value in (("--attention", args.attention), ("--device", args.device)) if value]
+        if ignored:
+            lines.append(f"{' and '.join(ignored)} choose how the torch engine runs; --backend numpy ignores them")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     # every argument is checked before any model is built or loaded
     validate_sampling_args(args.temperature, args.top_k, args.top_p, SAMPLING_FLAGS)
+    for line in ignored_options(args):
+        print(f"note: {line}", file=sys.stderr)
     device = None
     if args.backend == "torch":
         import torch
@@ -89,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from torch_gpt2 import GPT2, generate_stream
 
-        model = GPT2.from_params(params, config, args.attention, device=device)
+        model = GPT2.from_params(params, config, args.attention or "fused", device=device)
         steps = generate_stream(model, [prompt], max_new, **sampling)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
     sys.stdout.write(args.prompt)

@@ -7,6 +7,7 @@ import sys
 from importlib import metadata
 
 from gpt2_cli import bench, classify, convert, evaluate, finetune, generate, gradcheck, lora, parity, plot, train
+from gpt2_cli.common import Parser
 
 COMMANDS = (parity, generate, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, bench)
 
@@ -36,7 +37,7 @@ class VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2",
         description="GPT-2 from scratch: a hand-differentiated NumPy spec and a PyTorch engine that agree. "
         "Run `gpt2 COMMAND --help` for each command.",
@@ -68,3 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, as Unix tools do
         sys.stderr.close()
         return 141
+    except OSError as e:  # a full disk, a folder that turned read-only: what the system said, about which path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gpt2 {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2

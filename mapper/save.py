@@ -19,6 +19,7 @@ from mapper.schema import param_shapes, validate_params
 HF_PREFIX = "transformer."
 LAYOUT_KEY = "gpt2_layout"  # metadata / config.json field naming a torch-module layout (custom or fused)
 LORA_METADATA_KEY = "gpt2_lora"  # safetensors metadata of an adapters file: the LoraConfig as JSON
+CHECKPOINT_FILES = ("model.safetensors", "config.json")  # what save_checkpoint writes into its folder
 
 
 def save_checkpoint(

@@ -66,8 +66,13 @@ def param_shapes(config: GPT2Config, lora: LoraConfig | None = None) -> dict[str
 
 
 def count_params(config: GPT2Config) -> int:
-    """Number of parameters (a tied head counted once)."""
-    return sum(math.prod(s) for s in param_shapes(config).values())
+    """Number of parameters (a tied head counted once): the sizes of ``param_shapes`` added up in closed form,
+    so a config of a million layers is counted at once (and refused by its size, ``mapper.memory``)."""
+    V, C, P, L = config.vocab_size, config.n_embd, config.n_positions, config.n_layer
+    block = 4 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)  # 2 LN + 4 linear
+    untied = 0 if config.tie_word_embeddings else V * C
+    head = 0 if config.n_classes is None else C * config.n_classes
+    return V * C + P * C + L * block + 2 * C + untied + head
 
 
 def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.float32) -> dict[str, np.ndarray]:

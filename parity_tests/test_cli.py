@@ -177,13 +177,15 @@ def test_convert_never_overwrites_its_input_or_an_output_without_force(capsys, t
     assert main(["convert", str(FIXTURES / "hf_tiny"), str(source)]) == 0
     before = (source / "model.safetensors").read_bytes()
     assert main(["convert", str(source), str(source), "--to", "custom"]) == 2
-    assert "the input's own folder" in one_line_error(capsys)
+    assert f"OUT {source} is the input IN {source}; an input is never written" in one_line_error(capsys)
     assert main(["convert", str(source / "model.safetensors"), str(source), "--force"]) == 2
+    assert f"OUT {source} contains the input IN {source / 'model.safetensors'}" in one_line_error(capsys)
     assert (source / "model.safetensors").read_bytes() == before
     out = tmp_path / "out"
     assert main(["convert", str(source), str(out)]) == 0
     capsys.readouterr()
     assert main(["convert", str(source), str(out), "--to", "fused"]) == 2
-    assert "already exists; pass --force" in one_line_error(capsys)
+    assert "already holds model.safetensors, config.json, which this command would replace; pass --force" in (
+        one_line_error(capsys))
     assert main(["convert", str(source), str(out), "--to", "fused", "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["gpt2_layout"] == "fused"

@@ -203,7 +203,7 @@ def test_prepare_classification_balances_splits_and_pads_to_the_training_length(
     again = classify.prepare_classification(path, CharEncoder(), seed=1)
     assert np.array_equal(again.test.tokens, data.test.tokens)
     summary = data.summary()
-    assert "30 texts (ham 20, spam 10) -> 20 kept -> train 14 / val 2 / test 4" in summary
+    assert "2 classes, 30 texts (ham 20, spam 10) -> 20 kept (10 per class) -> train 14 / val 2 / test 4" in summary
 
 
 def test_prepare_classification_max_length_truncates_every_split_and_counts(tmp_path):
@@ -220,7 +220,7 @@ def test_prepare_classification_max_length_truncates_every_split_and_counts(tmp_
 
 
 def test_prepare_classification_truncates_val_and_test_to_the_training_length(tmp_path, monkeypatch):
-    lines = [f"ham\t{'h' * n}" for n in (1, 1, 1, 1, 1, 1, 1, 5, 9, 9)]
+    lines = [f"{'spam' if i == 0 else 'ham'}\t{'h' * n}" for i, n in enumerate((1, 1, 1, 1, 1, 1, 1, 5, 9, 9))]
     path = write(tmp_path, "d.tsv", "\n".join(lines))
     monkeypatch.setattr(classify, "split", lambda n, fractions=(0.7, 0.1, 0.2), seed=0: (
         np.arange(7), np.array([7]), np.array([8, 9])))

@@ -5,6 +5,8 @@ Distributed: every rank holds the whole model; each takes its share of every mic
 ``rank * B / world`` .. ``(rank + 1) * B / world``), DDP averages the gradients, and the losses are averaged
 over ranks, so a step equals the single-process step on the whole batch up to float32 rounding. Rank 0 logs,
 samples and writes checkpoints; the others wait at a barrier. Evaluation runs the same batches on every rank.
+Decisions one rank makes alone (a signal it received, non-finite parameters) are agreed every step with an
+all-reduce (``max_over_ranks``), so no rank waits in a barrier while another is in an all-reduce.
 """
 
 from __future__ import annotations
@@ -179,6 +181,14 @@ class TorchBackend:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` of any rank (an all-reduce with MAX); ``value`` itself in one process."""
+        if self.world == 1:
+            return value
+        agreed = torch.tensor([value], dtype=torch.int64, device=self.model.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return int(agreed.item())
 
     @property
     def _np_dtype(self) -> np.dtype:
