@@ -52,12 +52,13 @@ def ignored_options(args: argparse.Namespace) -> list[str]:
     if args.temperature == 0:
         ignored = [SAMPLING_FLAGS[k] for k in ("top_k", "top_p") if getattr(args, k) is not None]
         if ignored:
-            lines.append(f"{' and '.join(ignored)} filter sampling; --temperature 0 decodes greedily, so they have "
-                         "no effect (give --temperature > 0 to sample)")
+            lines.append(f"{' and '.join(ignored)} only shape sampling, and --temperature 0 decodes greedily: "
+                         "ignored (give --temperature > 0 to sample)")
     if args.backend == "numpy":
         ignored = [flag for flag, value in (("--attention", args.attention), ("--device", args.device)) if value]
         if ignored:
-            lines.append(f"{' and '.join(ignored)} choose how the torch engine runs; --backend numpy ignores them")
+            lines.append(f"{' and '.join(ignored)} only shape the torch engine, and --backend numpy runs the spec: "
+                         "ignored")
     return lines
 
 

@@ -131,6 +131,36 @@ def test_balance_undersamples_to_the_smallest_class_in_original_order():
         classify.balance(texts, ids[:5], seed=0)
 
 
+def test_one_class_is_refused(tmp_path):
+    path = write(tmp_path, "one.tsv", "ham\thello\nham\tthere\nham\tfriend\n")
+    with pytest.raises(ValueError, match=r"one.tsv: every text has the label 'ham'; a classifier needs at least two"):
+        classify.prepare_classification(path, CharEncoder(), seed=0)
+
+
+def test_labels_differing_only_in_case_or_spacing_and_tiny_classes_are_warned_about(tmp_path):
+    lines = [f"{label}\t{text}" for label, text in
+             [("spam", "win"), ("Spam", "cash"), ("ham", "hi"), ("HAM ", "yo"), ("ham", "ok"), ("spam", "now")] * 3]
+    data = classify.prepare_classification(write(tmp_path, "d.tsv", "\n".join(lines)), CharEncoder(), seed=0)
+    assert data.class_names == ["HAM", "Spam", "ham", "spam"]  # kept apart, as the data says
+    assert data.read_counts == {"HAM": 3, "Spam": 3, "ham": 6, "spam": 6}
+    assert data.warnings == [
+        "the labels 'HAM', 'ham' differ only in case or spacing and are 2 different classes (3, 6 texts); correct the "
+        "data if they mean one class",
+        "the labels 'Spam', 'spam' differ only in case or spacing and are 2 different classes (3, 6 texts); correct "
+        "the data if they mean one class",
+        "2 class(es) ('HAM', 'Spam') have only 3 text(s): balancing keeps 3 of each of the 4 classes",
+    ]
+    assert data.summary().startswith("4 classes, 18 texts (HAM 3, Spam 3, ham 6, spam 6) -> 12 kept (3 per class)")
+
+
+def test_a_special_token_in_a_text_names_its_line_in_the_file(tmp_path, gpt2_encoder):
+    lines = [f"{'spam' if i % 2 else 'ham'}\ttext number {i}" for i in range(40)]
+    lines[26] = "ham\tsee you <|endoftext|> later"
+    path = write(tmp_path, "d.tsv", "\n".join(lines))
+    with pytest.raises(ValueError, match=r"d.tsv line 27 'see you <\|endoftext\|> later': the text cannot be encoded"):
+        classify.prepare_classification(path, gpt2_encoder, seed=0)  # 20 of each class: balancing keeps all
+
+
 @pytest.mark.parametrize("n, sizes", [(10, (7, 1, 2)), (1494, (1045, 149, 300)), (1, (0, 0, 1)), (3, (2, 0, 1))])
 def test_split_sizes_cover_everything_once(n, sizes):
     parts = classify.split(n, seed=5)

@@ -291,6 +291,7 @@ def write_bundle(
     records_per_block: int = 5,
     size_fix: dict[str, int] | None = None,
     dtype_fix: dict[str, int] | None = None,
+    offset_fix: dict[str, int] | None = None,
 ) -> None:
     """A TF tensor bundle; tensor i goes to shard i % num_shards. Every block and tensor carries its crc32c."""
     codes = {np.dtype("float32"): 1, np.dtype("float64"): 2, np.dtype("float16"): 19}
@@ -301,8 +302,8 @@ def write_bundle(
         shard = i % num_shards
         size = (size_fix or {}).get(name, arr.nbytes)
         code = (dtype_fix or {}).get(name, codes[arr.dtype])
-        records.append((name.encode(), _entry_proto(code, arr.shape, shard, len(shards[shard]), size,
-                                                     _masked(arr.tobytes()))))
+        offset = (offset_fix or {}).get(name, len(shards[shard]))
+        records.append((name.encode(), _entry_proto(code, arr.shape, shard, offset, size, _masked(arr.tobytes()))))
         shards[shard] += arr.tobytes()
     for s, data in enumerate(shards):
         Path(f"{prefix}.data-{s:05d}-of-{num_shards:05d}").write_bytes(bytes(data))
@@ -398,6 +399,17 @@ def test_written_bundle_offset_past_end_of_shard(tmp_path: Path) -> None:
     shard = tmp_path / "model.ckpt.data-00001-of-00002"
     shard.write_bytes(shard.read_bytes()[:64])
     with pytest.raises(CheckpointError, match=r"data-00001-of-00002 is truncated: variable '.*' needs bytes"):
+        load_checkpoint(tmp_path)
+
+
+def test_written_bundle_overlapping_tensors(tmp_path: Path) -> None:
+    # a consistent index (every crc right) in which wpe claims bytes that wte's last 16 floats occupy
+    tensors = random_openai_tensors(SMALL_124M_LAYOUT, "float32")
+    order = sorted(tensors)
+    start = sum(tensors[n].nbytes for n in order[: order.index("model/wte")])
+    end = start + tensors["model/wte"].nbytes
+    write_openai_dir(tmp_path, SMALL_124M_LAYOUT, tensors, offset_fix={"model/wpe": end - 64})
+    with pytest.raises(CheckpointError, match="variables 'model/wte' and 'model/wpe' overlap in shard 0"):
         load_checkpoint(tmp_path)
 
 
