@@ -62,6 +62,8 @@ def _resolved(path: Path) -> Path:
 
 
 def _check_apart(out: Output, flag: str, path: Path) -> None:
+    if not path.exists():  # a name (``--init-from gpt2``) or a missing file, which its reader will report
+        return
     o, i = _resolved(out.path), _resolved(path)
     if o == i:
         relation = "is"
