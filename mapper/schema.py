@@ -71,13 +71,11 @@ def param_shapes(config: GPT2Config, lora: LoraConfig | None = None) -> dict[str
 
 
 def count_params(config: GPT2Config) -> int:
-    """Number of parameters (a tied head counted once): the sizes of ``param_shapes`` added up in closed form,
-    so a config of a million layers is counted at once (and refused by its size, ``mapper.memory``)."""
-    V, C, P, L = config.vocab_size, config.n_embd, config.n_positions, config.n_layer
-    block = 4 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)  # 2 LN + 4 linear
-    untied = 0 if config.tie_word_embeddings else V * C
-    head = 0 if config.n_classes is None else C * config.n_classes
-    return V * C + P * C + L * block + 2 * C + untied + head
+    """Number of parameters (a tied head counted once): ``param_shapes`` of a one- and a two-block copy of the
+    config, the difference (one block) scaled to ``n_layer``, so a million-layer config is counted at once (and
+    refused by its size, ``mapper.memory``) without listing its names."""
+    one, two = (sum(math.prod(s) for s in param_shapes(config.replace(n_layer=n)).values()) for n in (1, 2))
+    return one + (config.n_layer - 1) * (two - one)
 
 
 def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.float32) -> dict[str, np.ndarray]:

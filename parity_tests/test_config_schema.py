@@ -24,8 +24,9 @@ def test_preset_parameter_counts(name, count):
     GPT2Config(vocab_size=10, n_positions=7, n_embd=6, n_layer=2, n_head=3),
     GPT2Config(vocab_size=11, n_positions=5, n_embd=8, n_layer=3, n_head=2, tie_word_embeddings=False),
     GPT2Config(vocab_size=9, n_positions=4, n_embd=4, n_layer=1, n_head=1, n_classes=3),
+    GPT2Config(vocab_size=9, n_positions=4, n_embd=4, n_layer=2, n_head=2, qkv_bias=False),
 ])
-def test_count_params_in_closed_form_equals_the_schema(config):
+def test_count_params_scaled_from_two_blocks_equals_the_whole_schema(config):
     assert count_params(config) == sum(int(np.prod(shape)) for shape in param_shapes(config).values())
 
 
