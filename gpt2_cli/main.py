@@ -6,9 +6,22 @@ import argparse
 import sys
 from importlib import metadata
 
-from gpt2_cli import bench, classify, convert, evaluate, finetune, generate, gradcheck, lora, parity, plot, train
+from gpt2_cli import (
+    bench,
+    classify,
+    convert,
+    download,
+    evaluate,
+    finetune,
+    generate,
+    gradcheck,
+    lora,
+    parity,
+    plot,
+    train,
+)
 
-COMMANDS = (parity, generate, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, bench)
+COMMANDS = (parity, generate, download, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, bench)
 
 
 def version() -> str:

@@ -64,7 +64,15 @@ from mapper.formats.seed import is_seed_layout, seed_source
 from mapper.formats.stored import Stored
 from mapper.formats.torch_file import load_torch, tensor_source
 from mapper.layouts import ATTENTION_LAYOUTS, from_module_state
-from mapper.save import HF_PREFIX, LAYOUT_KEY, load_lora_adapters, save_checkpoint, save_lora_adapters
+from mapper.save import (
+    HF_PREFIX,
+    LAYOUT_KEY,
+    load_lora_adapters,
+    save_checkpoint,
+    save_llmc,
+    save_lora_adapters,
+    save_pipeline_files,
+)
 from mapper.schema import param_shapes, validate_params
 
 __all__ = [
@@ -75,7 +83,9 @@ __all__ = [
     "load_lora_adapters",
     "load_tensors",
     "save_checkpoint",
+    "save_llmc",
     "save_lora_adapters",
+    "save_pipeline_files",
     "save_tensors",
 ]
 

@@ -117,12 +117,17 @@ def cache_root() -> Path:
     return base / "gpt2-from-scratch"
 
 
+def is_local_path(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` exists here (a TensorFlow checkpoint prefix exists through its ``.index``)."""
+    return Path(path).exists() or Path(f"{path}.index").is_file()
+
+
 def locate_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
     """A checkpoint path for ``path_or_name``: an existing local path as it is (a note on stderr when it also
     spells a model name), else the folder a model name downloads to (:func:`fetch`). A ``Path`` is only a path."""
     path = Path(path_or_name)
     name = parse_model_name(path_or_name) if isinstance(path_or_name, str) else None
-    if path.exists() or Path(f"{path}.index").is_file():  # a TensorFlow checkpoint prefix exists through its index
+    if is_local_path(path):
         if name is not None:
             kind = "folder" if path.is_dir() else "file"
             print(f"note: {path_or_name} is the local {kind} {path.resolve()}, used instead of the model "

@@ -86,9 +86,10 @@ def save_checkpoint(
     return directory
 
 
-def save_pipeline_files(config: GPT2Config, path: str | os.PathLike[str]) -> list[str]:
+def save_pipeline_files(config: GPT2Config, path: str | os.PathLike[str], *, keep_existing: bool = False) -> list[str]:
     """Beside a Hugging Face-layout model in the folder ``path``, what ``transformers.pipeline("text-generation",
-    model=path)`` also needs, written atomically; returns the file names.
+    model=path)`` also needs, written atomically (``keep_existing``: files already there are left as they are);
+    returns the names of the files it wrote.
 
     ``generation_config.json`` (the end-of-text id as ``bos_token_id`` / ``eos_token_id``, so generation stops there)
     for a language model; for a model whose vocabulary holds GPT-2's 50,257 tokens, GPT-2's tokenizer as Hugging
@@ -106,6 +107,8 @@ def save_pipeline_files(config: GPT2Config, path: str | os.PathLike[str]) -> lis
             "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.n_positions, "add_prefix_space": False,
             "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         })
+    if keep_existing:
+        files = {name: data for name, data in files.items() if not (directory / name).exists()}
     for name, data in files.items():
         atomic_write(directory / name, lambda f, data=data: f.write(data))
     return list(files)

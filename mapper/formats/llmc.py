@@ -128,6 +128,8 @@ def check_llmc_writable(config: GPT2Config) -> None:
         raise CheckpointError("llm.c's GPT-2 has a q/k/v bias; this model has none (qkv_bias false)")
     if config.n_classes is not None:
         raise CheckpointError("llm.c's format holds a language model; this one has a classification head")
+    if config.layer_norm_epsilon != 1e-5:
+        raise CheckpointError(f"llm.c's LayerNorm eps is 1e-5; this model's is {config.layer_norm_epsilon}")
 
 
 def write_llmc(f: BinaryIO, params: dict[str, np.ndarray], config: GPT2Config, dtype: str) -> None:
