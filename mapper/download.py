@@ -161,12 +161,14 @@ def fetch(name: ModelName | str, to: str | os.PathLike[str] | None = None) -> Pa
 def fetch_hub(name: ModelName, to: Path | None = None) -> Path:
     """``config.json`` and the weights of a Hub repo through ``huggingface_hub``: ``model.safetensors``, else the
     sharded index and its shards, else ``pytorch_model.bin``. Returns the folder (a cache snapshot, or ``to``)."""
-    import huggingface_hub  # only a Hub download needs it
+    # Only a Hub download needs huggingface_hub. A file the Hub lacks is an EntryNotFoundError, one missing from the
+    # cache while offline its LocalEntryNotFoundError subclass: every ``except`` below names the local one first.
+    import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -177,7 +179,7 @@ def fetch_hub(name: ModelName, to: Path | None = None) -> Path:
         try:
             return Path(huggingface_hub.hf_hub_download(name.hub_repo, filename, revision=name.revision,
                                                         local_dir=to))
-        except (RemoteEntryNotFoundError, LocalEntryNotFoundError):
+        except EntryNotFoundError:
             raise
         except RevisionNotFoundError:
             raise DownloadError(f"{name.describe()}: the repo has no revision {name.revision!r}") from None
@@ -203,18 +205,18 @@ def fetch_hub(name: ModelName, to: Path | None = None) -> Path:
 
     try:
         config = get("config.json")
-    except RemoteEntryNotFoundError:
-        raise DownloadError(f"{name.describe()} has no config.json: not a transformers GPT-2 model") from None
     except LocalEntryNotFoundError:
         raise unavailable() from None
+    except EntryNotFoundError:
+        raise DownloadError(f"{name.describe()} has no config.json: not a transformers GPT-2 model") from None
     offline = False
     for weights in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
         try:
             path = get(weights)
-        except RemoteEntryNotFoundError:
-            continue
         except LocalEntryNotFoundError:
             offline = True  # not in the cache; a later candidate may be
+            continue
+        except EntryNotFoundError:
             continue
         if weights.endswith(".index.json"):
             try:
@@ -224,10 +226,10 @@ def fetch_hub(name: ModelName, to: Path | None = None) -> Path:
             try:
                 for shard in shards:
                     get(shard)
-            except RemoteEntryNotFoundError:
-                raise DownloadError(f"{name.describe()}: its {weights} names a shard the repo lacks") from None
             except LocalEntryNotFoundError:
                 raise unavailable() from None
+            except EntryNotFoundError:
+                raise DownloadError(f"{name.describe()}: its {weights} names a shard the repo lacks") from None
         if path.parent != config.parent:
             raise DownloadError(f"{name.describe()}: config.json and {weights} came from different folders")
         return path.parent
