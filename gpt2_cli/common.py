@@ -43,7 +43,8 @@ def non_negative_int(text: str) -> int:
 
 
 def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.ndarray], device: str | None = None):
-    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train."""
+    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train, computing in the
+    parameters' dtype."""
     if backend == "numpy":
         from numpy_gpt2.backend import NumpyBackend
 
@@ -51,7 +52,8 @@ def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.nda
     from torch_gpt2 import resolve_device
     from torch_gpt2.backend import TorchBackend
 
-    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)))
+    dtype = str(next(iter(params.values())).dtype)
+    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)), dtype=dtype)
 
 
 def load_tokenizer_for(flag_value: str | None):

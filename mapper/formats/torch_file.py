@@ -5,6 +5,7 @@ the first bytes), so no other file gets torch's advice to retry with ``weights_o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,12 @@ def load_torch(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
         message = str(e)
-        if "weights_only" in message:  # torch's advice to unpickle anyway: refused here, never repeated
-            found = message.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() or ["unknown"]
+        if "weights_only" in message or "allowed global" in message:  # torch's advice to load it anyway: not given
+            found = re.search(r"GLOBAL ([\w.]+)", message)
             raise CheckpointError(
-                f"{file} holds Python objects beyond tensors and plain containers ({found[0]}); "
-                "unpickling them could run code, so it is refused. Save the model's state_dict instead"
+                f"{file} holds Python objects beyond tensors and plain containers"
+                f"{f' (it names {found[1]})' if found else ''}; unpickling them could run code, so it is refused. "
+                "Save the model's state_dict instead"
             ) from None
         first = message.strip().splitlines()[0] if message.strip() else ""
         raise CheckpointError(f"{file} is not a loadable pytorch checkpoint ({type(e).__name__}: {first})") from None
