@@ -50,15 +50,19 @@ def add_loss_parser(benches: argparse._SubParsersAction) -> None:
                    help="a checkpoint in any readable format, or a model name (gpt2, owner/name, openai:124M, ...)")
     g.add_argument("--data", required=True, nargs="+", metavar="FILE", help="UTF-8 text files (joined with "
                    "<|endoftext|>)")
-    g.add_argument("--context", type=positive_int, default=COURSE_CONTEXT, help="tokens per window")
-    g.add_argument("--stride", type=positive_int, default=COURSE_STRIDE, help="tokens between window starts")
+    g.add_argument("--context", type=positive_int, default=COURSE_CONTEXT,
+                   help=f"tokens per window (default {COURSE_CONTEXT}, the course's)")
+    g.add_argument("--stride", type=positive_int, default=COURSE_STRIDE,
+                   help=f"tokens between window starts (default {COURSE_STRIDE})")
     g.add_argument("--val-fraction", type=float, default=COURSE_VAL_FRACTION,
-                   help="share of the characters, at the end, that is the validation tail")
+                   help=f"share of the characters, at the end, that is the validation tail (default "
+                        f"{COURSE_VAL_FRACTION})")
     g.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH,
-                   help="windows per forward pass (the course's 2; the mean does not depend on it)")
-    g.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which implementation")
+                   help=f"windows per forward pass (default {EVAL_BATCH}, the course's; the mean does not change)")
+    g.add_argument("--backend", choices=["numpy", "torch"], default="torch",
+                   help="which implementation (default torch)")
     g.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
-    g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="arithmetic")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="arithmetic (default float32)")
     g.add_argument("--json", metavar="OUT", default=None, help="also write the figures here as JSON")
     g.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
     g.set_defaults(func=run_loss)
