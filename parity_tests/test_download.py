@@ -303,3 +303,13 @@ def test_hub_transfer_cut_mid_file_is_retried_by_huggingface_hub(hub, tmp_path: 
     data = (HUB_LAYOUT / "model.safetensors").read_bytes()
     assert (tmp_path / "w" / "model.safetensors").read_bytes() == data
     assert len([r for r in hub.requests("GET") if r[1].endswith("/model.safetensors")]) == 2
+
+
+def test_convert_and_download_take_names(openai_env, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["convert", "openai:124M", str(tmp_path / "hf")]) == 0
+    assert "converted openai:124M (openai-tf)" in capsys.readouterr().out
+    _, params = load_checkpoint(tmp_path / "hf")
+    assert_reference(params)
+    assert main(["download", "gpt3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt3 is not a model name; known names: gpt2," in err[0]
