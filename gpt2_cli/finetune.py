@@ -210,7 +210,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
     from tasks.finetune import ExampleData
     from tasks.inference import greedy_all
-    from tasks.instruct import encode_examples, format_prompt, read_instructions, split_instructions
+    from tasks.instruct import encode_examples, inference_prompt, read_instructions, split_instructions
     from tasks.loop import RunArgs
     from tasks.metrics import rouge_l
 
@@ -224,7 +224,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     n_cut = sum(len(ids) > limit for ids, _ in examples)
     run_args = RunArgs(**common_run_args(
         args, config, init, [args.data], _sha256(args.data), device, context=limit, stride=0, val_fraction=0.05,
-        sample_prompt=format_prompt(entries[val_idx[0]]) if len(val_idx) else "", sample_tokens=32,
+        sample_prompt=inference_prompt(entries[val_idx[0]]) if len(val_idx) else "", sample_tokens=32,
         task="instruct", options=_options(args, lora, mask_prompt=args.mask_prompt)))
     description = (f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test examples, {n_cut} longer "
                    f"than {limit} tokens truncated")
@@ -234,7 +234,7 @@ def run_instruct(args: argparse.Namespace) -> int:
         return 0
     backend = _final_backend(args, config, lora, device)
     test = [entries[i] for i in test_idx][: args.test_limit]
-    prompts = [encoder.encode(format_prompt(e) + "\n\n### Response:\n") for e in test]
+    prompts = [encoder.encode(inference_prompt(e)) for e in test]
     responses = greedy_all(backend, prompts, args.max_new_tokens, encoder, "test responses")
     records = [{**e, "model_response": r.strip()} for e, r in zip(test, responses, strict=True)]
     _write_json(Path(args.out) / "test_responses.json", records)

@@ -8,8 +8,10 @@ from importlib import metadata
 
 from gpt2_cli import (
     bench,
+    chat,
     classify,
     convert,
+    data,
     download,
     evaluate,
     finetune,
@@ -21,7 +23,8 @@ from gpt2_cli import (
     train,
 )
 
-COMMANDS = (parity, generate, download, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, bench)
+COMMANDS = (parity, generate, chat, download, convert, gradcheck, train, finetune, classify, evaluate, lora, plot,
+            data, bench)
 
 
 def version() -> str:
