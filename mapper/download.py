@@ -364,7 +364,13 @@ def _check_openai_file(filename: str, folder: Path) -> None:
     elif filename == "model.ckpt.index":
         openai_tf.read_index(folder / "model.ckpt")
     elif filename.startswith("model.ckpt.data-"):
+        from tqdm import tqdm
+
         prefix = folder / "model.ckpt"
         num_shards, entries = openai_tf.read_index(prefix)
-        for entry in entries.values():  # truncation, and each tensor's crc32c as the index records it
-            openai_tf.read_tensor(prefix, num_shards, entry, verify_checksum=True)
+        total = sum(entry.size for entry in entries.values())
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checking crc32c",
+                  file=sys.stderr) as bar:
+            for entry in entries.values():  # truncation, and each tensor's crc32c as the index records it
+                openai_tf.read_tensor(prefix, num_shards, entry, verify_checksum=True)
+                bar.update(entry.size)
