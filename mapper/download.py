@@ -138,7 +138,12 @@ def locate_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
             raise CheckpointError(f"{path_or_name} is neither a local path nor a model name; known names: "
                                   f"{known_names()}")
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    return fetch(name)
+    try:
+        return fetch(name)
+    except DownloadError as e:
+        if "/" not in name.text.split("@")[0]:  # gpt2, openai:124M: names only, never a path
+            raise
+        raise DownloadError(f"{path_or_name} is not a local path, nor a model to be had: {e}") from None
 
 
 def fetch(name: ModelName | str, to: str | os.PathLike[str] | None = None) -> Path:
@@ -185,8 +190,8 @@ def fetch_hub(name: ModelName, to: Path | None = None) -> Path:
             raise DownloadError(f"{name.describe()}: the repo has no revision {name.revision!r}") from None
         except RepositoryNotFoundError:
             raise DownloadError(
-                f"{name.text} is not a local path, and the Hugging Face Hub ({constants.ENDPOINT}) has no model "
-                f"{name.hub_repo} (or it is private or gated: log in with `hf auth login`)"
+                f"the Hugging Face Hub ({constants.ENDPOINT}) has no model {name.hub_repo} (or it is private or "
+                "gated: log in with `hf auth login`)"
             ) from None
         except (HfHubHTTPError, OSError) as e:
             raise DownloadError(f"{name.describe()}: downloading {filename} failed ({type(e).__name__}: "

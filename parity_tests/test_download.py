@@ -114,6 +114,17 @@ def test_a_local_path_wins_and_says_so(tmp_path: Path, monkeypatch: pytest.Monke
     assert "a local path always wins" in note
 
 
+def test_a_missing_path_that_looks_like_a_repo_says_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runs/typo`` is no local path, so it is tried as a Hub repo: the message says both (offline here)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError, match=r"^runs/typo is not a local path, nor a model to be had: runs/typo "
+                                            r"\(runs/typo on the Hugging Face Hub\) is not in the Hugging Face cache"):
+        load_checkpoint("runs/typo")
+
+
 # ----- OpenAI's bucket -----
 
 
@@ -288,7 +299,7 @@ def test_hub_bin_only_sharded_revisions_and_missing_repos(hub, tmp_path: Path) -
     assert {r[1] for r in hub.requests()} >= {"/openai-community/gpt2/resolve/v1/model.safetensors"}
     assert (tmp_path / "pinned" / "model.safetensors").read_bytes() == (HUB_LAYOUT / "model.safetensors").read_bytes()
     for name, message in (("gpt2@nope", "the repo has no revision 'nope'"),
-                          ("nobody/nothing", "is not a local path, and the Hugging Face Hub")):
+                          ("nobody/nothing", "the Hugging Face Hub (http://127.0.0.1:")):
         failed = run_fresh(["download", name], hub.url, home)
         assert failed.returncode == 2 and message in failed.stderr, failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
