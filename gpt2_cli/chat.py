@@ -16,7 +16,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "chat", help="talk to a fine-tuned model in its own prompt template",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Wrap your text in the prompt template the model was fine-tuned with (the Alpaca instruction "
         "template of `gpt2 finetune instruct`, or the question -> <think> template of `gpt2 finetune reason`, read "
         "from DIR's run state unless --template says), stream the answer and stop at <|endoftext|>. With "
@@ -28,13 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default=None, help="the instruction's input (Alpaca's '### Input:' block)")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="the prompt template (default: the fine-tune's own, from DIR's checkpoint/state.json)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per answer at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per answer at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose "
                    "probabilities add up to p")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
-    p.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which implementation")
+    p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
+                   help="which implementation (default torch)")
     p.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
     p.set_defaults(func=run)

@@ -14,15 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="dataset", required=True, metavar="DATASET", help="arithmetic")
     a = kinds.add_parser(
         "arithmetic", help="seeded one- and two-step word problems, GSM8K format",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Write OUT/train.jsonl and OUT/test.jsonl: short word problems (sums and differences of two "
         "or three small numbers, products of two) with worked steps and a final '#### N' line, as GSM8K writes "
         "them, so `gpt2 finetune reason` trains on them and `gpt2 eval gsm8k` scores them. No question is in both "
         "files; the same --seed gives the same files.")
     a.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created)")
-    a.add_argument("--train", type=positive_int, default=6000, help="training problems")
-    a.add_argument("--test", type=positive_int, default=500, help="test problems")
-    a.add_argument("--seed", type=int, default=0, help="seeds the problems")
+    a.add_argument("--train", type=positive_int, default=6000, help="training problems (default 6000)")
+    a.add_argument("--test", type=positive_int, default=500, help="test problems (default 500)")
+    a.add_argument("--seed", type=int, default=0, help="seeds the problems (default 0)")
     a.add_argument("--force", action="store_true", help="replace existing train.jsonl / test.jsonl in OUT")
     a.set_defaults(func=run)
 

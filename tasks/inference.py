@@ -63,3 +63,15 @@ def decode_stream(steps: Iterable[np.ndarray], encoder, eos_token_id: int | None
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
+
+
+def instruction_responses(backend, entries: Sequence[dict], encoder, max_new_tokens: int,
+                          show_progress: bool = True) -> tuple[list[dict], float]:
+    """Greedy responses to instruction records (given ``inference_prompt``, cut at EOS, stripped) and their mean
+    ROUGE-L against the records' ``output``: (records with a ``model_response`` each, ROUGE-L)."""
+    from tasks.metrics import rouge_l
+
+    prompts = [encoder.encode(inference_prompt(e)) for e in entries]
+    responses = greedy_all(backend, prompts, max_new_tokens, encoder, "test responses", show_progress)
+    records = [{**e, "model_response": r.strip()} for e, r in zip(entries, responses, strict=True)]
+    return records, rouge_l([r["model_response"] for r in records], [r["output"] for r in records])

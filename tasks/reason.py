@@ -262,7 +262,8 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 def score_gsm8k(predictions: Iterable[Mapping], data: Sequence[Example]) -> dict:
     """{"accuracy": correct / n, "correct", "n" (predictions scored), "n_no_answer" (responses without an
-    ``<answer>`` tag), "results": [{"index", "correct", "predicted", "reference"}] in the predictions' order}.
+    ``<answer>`` tag), "parse_rate" (the share of answers holding a number at all), "results": [{"index",
+    "correct", "predicted", "reference"}] in the predictions' order}.
 
     A prediction is ``{"index": i, "response": text, ...}``, i a record's ``index`` (its 0-based line in the
     GSM8K file; for records without one, their position in ``data``). An index that names no record, or one
@@ -297,8 +298,10 @@ def score_gsm8k(predictions: Iterable[Mapping], data: Sequence[Example]) -> dict
     if not results:
         raise ValueError("no predictions to score")
     correct = sum(r["correct"] for r in results)
+    numeric = sum(parse_number(r["predicted"]) is not None for r in results)
     return {"accuracy": correct / len(results), "correct": correct, "n": len(results),
-            "n_no_answer": sum(r["predicted"] is None for r in results), "results": results}
+            "n_no_answer": sum(r["predicted"] is None for r in results), "parse_rate": numeric / len(results),
+            "results": results}
 
 
 def read_predictions(path: str | Path) -> list[dict]:
