@@ -12,6 +12,7 @@ from gpt2_cli import (
     classify,
     convert,
     data,
+    download,
     evaluate,
     finetune,
     generate,
@@ -23,7 +24,8 @@ from gpt2_cli import (
 )
 from gpt2_cli.common import Parser
 
-COMMANDS = (parity, generate, chat, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, data, bench)
+COMMANDS = (parity, generate, chat, download, convert, gradcheck, train, finetune, classify, evaluate, lora, plot,
+            data, bench)
 
 
 def version() -> str:

@@ -122,7 +122,7 @@ def test_reason_then_gsm8k_eval_and_predictions_scoring(slices, tmp_path, capsys
                            + json.dumps({"index": 1, "response": "<answer>4</answer>"}) + "\n")
     assert main(["eval", "gsm8k", "--predictions", str(predictions), "--data", str(test), "--json",
                  str(summary), "--force"]) == 0  # the first score.json is replaced only when asked
-    # Janet's ducks: 18; robe: 3
+    # Janet's ducks: 18; robe: 3; both answers hold a number
     assert json.loads(summary.read_text()) == {"accuracy": 0.5, "correct": 1, "n": 2, "parse_rate": 1.0}
 
 

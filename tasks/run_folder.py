@@ -3,6 +3,8 @@ anything is written.
 
     DIR/config.json, DIR/model.safetensors   the model of the last checkpoint, Hugging Face layout: gpt2 generate,
                                              gpt2 convert and transformers load DIR directly
+    DIR/generation_config.json, vocab.json,  what transformers.pipeline("text-generation", model=DIR) needs beside
+    merges.txt, tokenizer_config.json        it (``mapper.save_pipeline_files``), written with the first checkpoint
     DIR/checkpoint/                          the last complete checkpoint: that model, optimizer.safetensors
                                              (AdamW's moments in the canonical schema) and state.json (step,
                                              tokens seen, the run's arguments)
@@ -37,6 +39,7 @@ from mapper.checkpoint import (
     load_tensors,
     save_checkpoint,
     save_lora_adapters,
+    save_pipeline_files,
     save_tensors,
 )
 from mapper.config import GPT2Config
@@ -270,6 +273,10 @@ def write_checkpoint(out_dir: Path, backend, args: RunArgs, state: dict[str, Any
         except OSError as e:
             link.unlink(missing_ok=True)
             raise run_write_error(out_dir, f"the model of step {state['step']} at the top of the folder", e) from None
+    try:
+        save_pipeline_files(backend.config, out_dir, keep_existing=True)
+    except OSError as e:
+        raise run_write_error(out_dir, "the tokenizer and generation files", e) from None
     fsync_dir(out_dir)
 
 
