@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mapper.download import BASE_URL_ENV, CACHE_ENV, fetch, known_names, parse_model_name
 
@@ -24,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mapper.outputs import Output, check_outputs
+
+    if args.to:  # a folder that cannot be written fails here, before any transfer (complete files are reused)
+        check_outputs([Output("--to", Path(args.to), ())], {})
     folder = fetch(args.name, args.to)
     files = sorted(f for f in folder.iterdir() if f.is_file())
     size = sum(f.stat().st_size for f in files)

@@ -185,8 +185,8 @@ def test_convert_never_overwrites_its_input_or_an_output_without_force(capsys, t
     assert main(["convert", str(source), str(out)]) == 0
     capsys.readouterr()
     assert main(["convert", str(source), str(out), "--to", "fused"]) == 2
-    assert "already holds model.safetensors, config.json, which this command would replace; pass --force" in (
-        one_line_error(capsys))
+    assert "already holds model.safetensors, config.json, generation_config.json, which this command would replace; " \
+        "pass --force" in one_line_error(capsys)
     assert main(["convert", str(source), str(out), "--to", "fused", "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["gpt2_layout"] == "fused"
 

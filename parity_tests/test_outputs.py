@@ -193,10 +193,11 @@ def test_eval_checks_its_outputs_before_loading_the_model(world, tmp_path, capsy
     ["convert", "{W}", "/proc/out"],
     ["plot", "{RUN}", "--out", "/proc/loss.png"],
     ["lora", "merge", "{RUN}", "/proc/out"],
+    ["download", "gpt2", "--to", "/proc/gpt2"],
 ])
 def test_every_writing_command_probes_before_any_model_is_built(world, capsys, monkeypatch, command):
     for target in ("gpt2_cli.train.resolve_model", "mapper.load_checkpoint", "mapper.detect_format",
-                   "tasks.runlog.read_run_log"):
+                   "tasks.runlog.read_run_log", "gpt2_cli.download.fetch"):
         monkeypatch.setattr(target, never)
     argv = [part.format(**{k: str(v) for k, v in world.items()}) for part in command]
     refused(capsys, argv, "cannot write in /proc")
