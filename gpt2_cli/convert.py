@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     check_target(args)
     out = Path(args.output)
     output = Output("OUT", out) if args.to == "llmc" else Output("OUT", out, CHECKPOINT_FILES + PIPELINE_FILES)
-    check_outputs([output], {"IN": _input_paths(Path(args.input))}, force=args.force)  # before any download
+    check_outputs([output], {"IN": args.input}, force=args.force)  # before any download
     source = locate_checkpoint(args.input)
-    check_outputs([output], {"IN": _input_paths(source)}, force=args.force)  # a model name's downloaded files
+    check_outputs([output], {"IN": source}, force=args.force)  # a model name's downloaded files
     fmt_in = detect_format(source)
     config, params = load_checkpoint(source)
     nonfinite = [k for k, v in params.items() if not np.isfinite(v).all()]
@@ -92,8 +92,3 @@ def check_target(args: argparse.Namespace) -> None:
     if args.to == "llmc" and not args.output.endswith(".bin"):
         raise ValueError(f"--to llmc writes one file: give the output as a .bin path (e.g. gpt2_124M.bin), not "
                          f"{args.output}")
-
-
-def _input_paths(source: Path) -> list[Path]:
-    """What convert reads: the checkpoint, and for a file also its folder (its config.json is read beside it)."""
-    return [source, source.parent] if source.is_file() else [source]

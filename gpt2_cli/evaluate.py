@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2_cli.common import add_model_args, fraction, non_negative_int, positive_int
+from gpt2_cli.common import add_model_args, non_negative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +88,7 @@ def add_loss_parser(benches: argparse._SubParsersAction) -> None:
                    help=f"tokens per window (default {COURSE_CONTEXT}, the course's)")
     g.add_argument("--stride", type=positive_int, default=COURSE_STRIDE,
                    help=f"tokens between window starts (default {COURSE_STRIDE})")
-    g.add_argument("--val-fraction", type=fraction, default=COURSE_VAL_FRACTION,
+    g.add_argument("--val-fraction", type=float, default=COURSE_VAL_FRACTION,
                    help=f"share of the characters, at the end, that is the validation tail (default "
                         f"{COURSE_VAL_FRACTION})")
     g.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH,
@@ -112,6 +112,8 @@ def run_loss(args: argparse.Namespace) -> int:
     from mapper.outputs import Output, check_outputs
     from tasks.eval_loss import text_losses
 
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.json:
         check_outputs([Output("--json", Path(args.json))], {"--weights": args.weights, "--data": args.data,
                                                            "--tokenizer": args.tokenizer}, force=args.force)
