@@ -86,6 +86,10 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_ev
     p.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
     p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="torch mixed precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--tf32", action="store_true", help="CUDA float32 matmuls on TF32 tensor cores (faster, ~1e-3 "
+                   "relative; off by default, as for the parity tests)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic torch kernels, so that --resume is "
+                   "bit-exact on a GPU too (some backward kernels are slower)")
     p.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same arguments)")
@@ -99,13 +103,16 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_ev
 def check_args(args: argparse.Namespace) -> None:
     """Combinations argparse cannot see; before anything is loaded or written."""
     if args.backend == "numpy":
-        for flag, value in (("--device", args.device), ("--autocast", args.autocast), ("--compile", args.compile)):
+        for flag, value in (("--device", args.device), ("--autocast", args.autocast), ("--compile", args.compile),
+                            ("--tf32", args.tf32), ("--deterministic", args.deterministic)):
             if value:
                 raise ValueError(f"{flag} is a torch option; the numpy backend runs on the CPU in --dtype")
         if distributed_world()[1] > 1:
             raise ValueError("several processes (torchrun) train only with --backend torch")
     if args.autocast and args.dtype == "float64":
         raise ValueError("--autocast needs --dtype float32")
+    if args.tf32 and args.dtype == "float64":
+        raise ValueError("--tf32 is a mode of float32 matmuls; it needs --dtype float32")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
 
@@ -125,7 +132,10 @@ def resolve_run_device(args: argparse.Namespace) -> str:
 
     from torch_gpt2 import resolve_device
 
-    return str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+    device = str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+    if args.tf32 and not device.startswith("cuda"):
+        raise ValueError(f"--tf32 needs a CUDA device (TF32 is a GPU tensor-core mode); this run is on {device}")
+    return device
 
 
 def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] | None = None, lora=None):
@@ -140,7 +150,8 @@ def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] |
         from torch_gpt2.backend import TorchBackend
 
         return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
-                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora)
+                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora,
+                            tf32=args.tf32, deterministic=args.deterministic)
 
     return make_backend
 
@@ -155,7 +166,7 @@ def common_run_args(args: argparse.Namespace, config, init: str, data: list[str]
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, decay=args.decay, grad_clip=args.grad_clip,
         epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, save_every=args.save_every, device=device, autocast=args.autocast, compile=args.compile,
-        world_size=distributed_world()[1], **task)
+        tf32=args.tf32, deterministic=args.deterministic, world_size=distributed_world()[1], **task)
 
 
 def execute(command: str, args: argparse.Namespace, run_args, data, encoder, config, params, make_backend,

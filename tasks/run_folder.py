@@ -76,6 +76,8 @@ class RunArgs:
     device: str = "cpu"
     autocast: str | None = None
     compile: bool = False
+    tf32: bool = False
+    deterministic: bool = False
     world_size: int = 1
     task: str = "pretrain"
     options: dict = field(default_factory=dict)  # the task's own settings (trainable, lora, mask_prompt, ...)
