@@ -38,6 +38,7 @@ from benchmarks.common import (
     timed,
     train_step_flops,
 )
+from mapper.atomic import atomic_write
 from mapper.config import PRESETS, GPT2Config
 from mapper.schema import count_params, init_params
 
@@ -78,6 +79,9 @@ class Settings:
     repeats: int | None = None
     seed: int = 0
     config: str | None = None  # a GPT2Config.from_spec string: measure this shape (named "custom") instead of sizes
+    # (workload, B, T) to measure on every device, in this order, instead of the plan (scripts/gpu-check's)
+    points: tuple[tuple[str, int, int], ...] | None = None
+    deadline: float | None = None  # time.time() after which no new point starts (the rest are skipped, named)
 
     def model_config(self, size: str) -> GPT2Config:
         return GPT2Config.from_spec(None, self.config) if size == "custom" else GPT2Config.from_preset(size)
@@ -120,6 +124,13 @@ def plan(settings: Settings, size: str, device: str) -> list[Point]:
     config = settings.model_config(size)
     P, q = config.n_positions, settings.quick
     points: list[Point] = []
+    if settings.points is not None:
+        new_tokens = min(16 if q else 32, P // 2)
+        for workload, B, T in settings.points:
+            if workload in settings.workloads:
+                T = max(min(T, P), new_tokens + 2) if workload == "decode" else min(T, P)
+                points.append(Point(size, workload, device, B, T, new_tokens if workload == "decode" else 0))
+        return list(dict.fromkeys(points))
     if device == "cpu":
         forward = [(1, t) for t in ((64, 256, 1024) if q else (64, 128, 256, 512, 1024))]
         forward += [] if q else [(b, 256) for b in (2, 4, 8)]
@@ -405,8 +416,14 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
             bar.set_postfix_str(f"building {size} models on {device}")
             backends = [BenchModel(spec, config, params) for spec in on_device]
             for point in points:
+                if settings.deadline is not None and time.time() > settings.deadline:
+                    report.skipped.append({"point": point.label, "reason": "out of time (the run's budget)"})
+                    log(f"skipped {point.label}: out of time")
+                    continue
                 bar.set_postfix_str(point.label)
                 report.results += runner.run_point(point, backends, probe_scale)
+                if out_dir is not None:  # so far: a run stopped from outside keeps what it measured
+                    write_results(report, out_dir)
             for backend in backends:
                 backend.release()
             del backends, params
@@ -426,12 +443,18 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
     add_hf_ratios(report.results)
     report.goals = evaluate_goals(report.results)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+        write_results(report, out_dir)
         from benchmarks.plots import write_plots
 
         write_plots(report, out_dir)
     return report
+
+
+def write_results(report: Report, out_dir: Path) -> None:
+    """``out_dir/results.json``, replaced whole (atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(asdict(report), indent=2, default=str) + "\n"
+    atomic_write(out_dir / "results.json", lambda f: f.write(text.encode()))
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -531,7 +554,7 @@ def render_markdown(report: Report) -> str:
             lines.append(f"| {g['goal']} | {value} | {target} | {'yes' if g['met'] else 'NO'} |")
     by_reason: dict[str, list[str]] = {}
     for skip in report.skipped:
-        what = skip.get("backend") or f"{skip.get('size')} on {skip.get('device')}"
+        what = skip.get("backend") or skip.get("point") or f"{skip.get('size')} on {skip.get('device')}"
         by_reason.setdefault(skip["reason"], []).append(what)
     lines += [""] + [f"skipped {', '.join(whats)}: {reason}" for reason, whats in by_reason.items()]
     return "\n".join(lines)

@@ -379,7 +379,9 @@ def sensitive_params(config: GPT2Config, seed: int) -> dict[str, np.ndarray]:
 
 BF16_REL = 1.5e-2
 SENSITIVE = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the bf16 checks run on the CPU too; their CUDA cases carry the gpu marker (scripts/gpu-check runs -m gpu)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
