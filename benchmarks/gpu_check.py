@@ -128,7 +128,7 @@ def run_stage(command: list[str], log: Path, seconds: float, env: dict[str, str]
     """Run ``command`` (output shown and copied to ``log``) for at most ``seconds``; its process group is stopped
     after that. Returns {"returncode", "seconds", "timed_out"}."""
     start = time.monotonic()
-    say(f"$ {' '.join(command)}   (at most {seconds:.0f} s)")
+    say(f"$ {shown(command)}   (at most {seconds:.0f} s)")
     with open(log, "ab") as sink:
         proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -192,16 +192,21 @@ def junit_counts(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def shown(command: list[str]) -> str:
+    """A command as the plan prints it: paths inside the checkout relative to it (the stages run from there)."""
+    return " ".join(part.replace(f"{REPO}{os.sep}", "") for part in command)
+
+
 def plan_lines(out: Path, budget: float, stages: tuple[str, ...]) -> list[str]:
     lines = [f"budget {budget:.0f} s, into {out}/ (results.json, results.md, the plots, a log per stage):"]
     if "tests" in stages:
-        lines.append(f"1. CUDA tests, <= {SHARE['tests'] * budget:.0f} s: {' '.join(tests_command(Path('JUNIT')))}")
+        lines.append(f"1. CUDA tests, <= {SHARE['tests'] * budget:.0f} s: {shown(tests_command(Path('JUNIT')))}")
     if "bench" in stages:
         points = ", ".join(f"{w} B={b} {'context ' if w == 'decode' else 'T='}{t}" for w, b, t in BENCH_POINTS)
         lines.append(f"2. GPU benchmark, <= {SHARE['bench'] * budget:.0f} s: GPT-2 124M, {', '.join(BENCH_BACKENDS)}"
                      f" at {points}; MFU against the bf16 matmul rate measured in the run")
     if "nccl" in stages:
-        lines.append(f"3. nccl check, <= {SHARE['nccl'] * budget:.0f} s: {' '.join(nccl_command(1))} (2 processes "
+        lines.append(f"3. nccl check, <= {SHARE['nccl'] * budget:.0f} s: {shown(nccl_command(1))} (2 processes "
                      "and a 2-process gpt2 train when there are 2 GPUs)")
     return lines
 

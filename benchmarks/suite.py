@@ -479,12 +479,13 @@ def render_markdown(report: Report) -> str:
     m, lines = report.machine, []
     blas = m.get("openblas", {})
     libraries = ", ".join(f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')})"
-                          for lib in m.get("blas") or [])
+                          for lib in m.get("blas") or [])  # (runs before these were recorded lack them)
+    linear = f" (float32 CPU linear layers: {m['torch_cpu_linear']})" if m.get("torch_cpu_linear") else ""
     lines.append(f"**Machine:** {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, {m.get('memory_gib')} GiB"
                  + (f"; GPU {m['gpu']['name']} ({m['gpu']['memory_gib']} GiB)" if m.get("gpu") else "; no GPU")
                  + f". Python {m.get('python')}, numpy {m.get('numpy')} (OpenBLAS kernels: {blas.get('core')}, "
-                 f"chosen by {blas.get('chosen_by')}; BLAS loaded: {libraries or 'unknown'}), torch {m.get('torch')} "
-                 f"(float32 CPU linear layers: {m.get('torch_cpu_linear')}), transformers {m.get('transformers')}. "
+                 f"chosen by {blas.get('chosen_by')}{'; BLAS loaded: ' + libraries if libraries else ''}), torch "
+                 f"{m.get('torch')}{linear}, transformers {m.get('transformers')}. "
                  f"Threads: {report.threads}. Repeats: {Settings(**report.settings).n_repeats} per point, "
                  "backends alternating; medians.")
     cpu = report.limits.get("cpu")

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.backends import ALL_BACKENDS, unavailable_reason
 from benchmarks.common import decode_bytes, decode_weight_bytes, forward_flops, train_step_flops
+from benchmarks.sections import sections
 from benchmarks.suite import Settings, plan, render_markdown, resolve_backends, run
 from gpt2_cli import main
 from mapper import GPT2Config
@@ -85,6 +86,22 @@ def test_plots_are_written(tiny_report):
     _, out = tiny_report
     for name in ("throughput.png", "decode.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_results_md_sections_group_runs_by_machine(tiny_report, tmp_path):
+    """benchmarks.sections: one section per machine, each run's tables and plots, links relative to RESULTS.md."""
+    _, out = tiny_report
+    other = tmp_path / "xeon"
+    other.mkdir()
+    data = json.loads((out / "results.json").read_text())
+    data["machine"]["cpu"] = "Intel(R) Xeon(R) Platinum 8488C"
+    (other / "results.json").write_text(json.dumps(data))
+    text = sections([out, other, out], relative_to=out.parent)
+    assert text.count("## ") - text.count("### ") == 2  # two machines
+    assert f"## {data['machine']['cpu']}" in text and text.count("**forward**") == 3
+    assert f"![throughput.png]({out.name}/throughput.png)" in text
+    with pytest.raises(ValueError, match="holds no results.json"):
+        sections([tmp_path / "nothing"], relative_to=tmp_path)
 
 
 def test_missing_backends_are_skipped_with_a_reason(tiny_report):
