@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mapper.atomic import atomic_write
-from mapper.config import PRESETS, GPT2Config
+from mapper.config import PRESETS, QKV_BIAS_KEY, GPT2Config
 from mapper.errors import CheckpointError, ConfigError, describe_key_mismatch
 from mapper.formats import openai_tf
 from mapper.formats.safetensors_file import (
@@ -199,6 +199,15 @@ def _assemble(
     if "score.bias" in stored and "score.weight" in expected:
         stored = dict(stored)
         _check_zero_score_bias(stored.pop("score.bias").read(), origin)
+    if not config.qkv_bias:  # our own Hugging Face export of a model without it holds zeros there
+        stored = dict(stored)
+        for i in range(config.n_layer):
+            bias = stored.pop(f"h.{i}.attn.c_attn.bias", None)
+            if bias is not None and np.any(bias.read() != 0):
+                raise CheckpointError(
+                    f"{origin}: its config says the model has no q/k/v bias ({QKV_BIAS_KEY}: false), but "
+                    f"{bias.key!r} is not zero; remove that field from config.json to load the bias"
+                )
     missing = [k for k in expected if k not in stored]
     unexpected = [stored[k].key for k in stored if k not in expected]
     if missing or unexpected:

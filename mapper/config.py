@@ -25,6 +25,8 @@ PRESETS: dict[str, dict[str, int]] = {
 GPT2_VOCAB_SIZE = 50257
 GPT2_CONTEXT = 1024
 GPT2_EOS_TOKEN_ID = 50256
+# config.json field of a model without the q/k/v bias; transformers ignores it and reads the zero bias in the file
+QKV_BIAS_KEY = "gpt2_qkv_bias"
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,12 @@ class GPT2Config:
     ``NH`` = n_head, ``hs`` = C // NH (head size), ``B`` = batch, ``T`` = time (sequence length).
 
     ``tie_word_embeddings``: the LM head reuses ``wte`` (logits = h @ wte.T). When False the parameters
-    carry an extra ``lm_head.weight`` [V, C]. ``n_classes``: when set, the model also has a classification
-    head ``score.weight`` [C, n_classes] without bias (Hugging Face's ``GPT2ForSequenceClassification``), read at
-    the last real token of each row; its ``config.json`` carries ``pad_token_id`` (the EOS id), which is how
-    transformers finds that token in right-padded rows.
+    carry an extra ``lm_head.weight`` [V, C]. ``qkv_bias``: the query/key/value projection has a bias
+    (``h.{i}.attn.c_attn.bias``, GPT-2's); False is the course's from-scratch model (``qkv_bias: False``), whose
+    parameters have no such key and whose arithmetic has no such term. ``n_classes``: when set, the model also
+    has a classification head ``score.weight`` [C, n_classes] without bias (Hugging Face's
+    ``GPT2ForSequenceClassification``), read at the last real token of each row; its ``config.json`` carries
+    ``pad_token_id`` (the EOS id), which is how transformers finds that token in right-padded rows.
     """
 
     vocab_size: int = GPT2_VOCAB_SIZE
@@ -49,6 +53,7 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = True
     n_classes: int | None = None
+    qkv_bias: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -62,6 +67,8 @@ class GPT2Config:
             )
         if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
             raise ConfigError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
         if self.n_classes is not None and (
             isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or self.n_classes < 1
         ):
@@ -143,6 +150,7 @@ class GPT2Config:
                 n_head=d["n_head"],
                 layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
                 tie_word_embeddings=d.get("tie_word_embeddings", True),
+                qkv_bias=d.get(QKV_BIAS_KEY, True),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
@@ -184,6 +192,9 @@ class GPT2Config:
             "bos_token_id": GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else self.vocab_size - 1,
             "eos_token_id": GPT2_EOS_TOKEN_ID if self.vocab_size == GPT2_VOCAB_SIZE else self.vocab_size - 1,
         }
+        if not self.qkv_bias:
+            # Hugging Face's GPT-2 has no switch for it: the file holds a zero c_attn.bias, which computes the same
+            d[QKV_BIAS_KEY] = False
         if self.n_classes is not None:
             d["architectures"] = ["GPT2ForSequenceClassification"]
             d["num_labels"] = self.n_classes

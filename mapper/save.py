@@ -33,8 +33,10 @@ def save_checkpoint(
     Writes ``model.safetensors`` in Hugging Face's names and layout (``transformer.`` prefix on the body,
     ``lm_head.weight`` only when untied, ``score.weight`` transposed to nn.Linear's [n_classes, C], no bias, so
     ``transformers.GPT2ForSequenceClassification.from_pretrained`` reads a classifier; its config.json carries
-    ``pad_token_id``), metadata ``{"format": "pt"}``, and ``config.json``; each file atomically (temp file in
-    the same directory, fsync, rename), so a crash leaves the old file or the new one, never half of one.
+    ``pad_token_id``), metadata ``{"format": "pt"}``, and ``config.json``. A model without the q/k/v bias
+    (``config.qkv_bias`` False) gets a zero ``c_attn.bias`` in this layout, which has no switch for it, and
+    ``"gpt2_qkv_bias": false`` in its config.json, which this project's loader reads back. Each file is written
+    atomically (temp file in the same directory, fsync, rename): a crash leaves the old file or the new one.
 
     Parameters holding LoRA adapters are refused (module docstring): merge them first (``mapper.merge_lora``),
     or write the adapters alone with :func:`save_lora_adapters`.
@@ -68,6 +70,9 @@ def save_checkpoint(
                 tensors[name] = params[name]
             else:
                 tensors[HF_PREFIX + name] = params[name]
+            if name.endswith("attn.c_attn.weight") and not config.qkv_bias:  # HF's GPT-2 always has this bias
+                C = config.n_embd
+                tensors[HF_PREFIX + name.replace(".weight", ".bias")] = np.zeros(3 * C, dtype=params[name].dtype)
     else:  # the torch engine's own module state; the layout is recorded so the loader can undo it
         tensors = to_module_state(params, config, fmt)
         metadata[LAYOUT_KEY] = fmt

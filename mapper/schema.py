@@ -38,6 +38,11 @@ BLOCK_PARAMS = (
 )  # fmt: skip
 
 
+def block_param_names(config: GPT2Config) -> tuple[str, ...]:
+    """The parameter names inside every block (``BLOCK_PARAMS`` less ``attn.c_attn.bias`` without a q/k/v bias)."""
+    return BLOCK_PARAMS if config.qkv_bias else tuple(n for n in BLOCK_PARAMS if n != "attn.c_attn.bias")
+
+
 def param_shapes(config: GPT2Config, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Every canonical parameter name and its shape, in a fixed order (embeddings, blocks, ln_f, heads), then the
     adapters of ``lora`` when given (``mapper.lora.lora_param_shapes``)."""
@@ -52,7 +57,7 @@ def param_shapes(config: GPT2Config, lora: LoraConfig | None = None) -> dict[str
     }  # fmt: skip
     shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (P, C)}
     for i in range(config.n_layer):
-        for name in BLOCK_PARAMS:
+        for name in block_param_names(config):
             shapes[f"h.{i}.{name}"] = block_shapes[name]
     shapes["ln_f.weight"] = (C,)
     shapes["ln_f.bias"] = (C,)

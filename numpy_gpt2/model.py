@@ -33,7 +33,7 @@ import numpy as np
 
 from mapper.config import GPT2Config
 from mapper.lora import LoraConfig
-from mapper.schema import BLOCK_PARAMS, validate_params
+from mapper.schema import block_param_names, validate_params
 from mapper.tokens import check_labels, check_lengths, check_targets, check_tokens
 from numpy_gpt2 import fast as fast_kernels
 from numpy_gpt2 import ops as spec_kernels
@@ -54,7 +54,7 @@ def adapted_linear_forward(
     ops: ModuleType, x: np.ndarray, p: dict[str, np.ndarray], layer: str, lora_scale: float
 ) -> tuple[np.ndarray, tuple]:
     """x [..., Cin] -> y [..., Cout] through ``layer`` of the block parameters ``p`` (its adapter if ``p`` has one)."""
-    y, cache_linear = ops.linear_forward(x, p[f"{layer}.weight"], p[f"{layer}.bias"])  # x @ W + b
+    y, cache_linear = ops.linear_forward(x, p[f"{layer}.weight"], p.get(f"{layer}.bias"))  # x @ W + b (b may be absent)
     if f"{layer}.lora_A" not in p:
         return y, (cache_linear, None)
     delta, cache_lora = ops.lora_forward(x, p[f"{layer}.lora_A"], p[f"{layer}.lora_B"], lora_scale)  # scale (x A) B
@@ -67,7 +67,9 @@ def adapted_linear_backward(
     """dy [..., Cout] -> dx [..., Cin]; the layer's parameter gradients are stored into ``g``."""
     cache_linear, cache_lora = cache
     # y = (x @ W + b) + lora(x): dy reaches both terms unchanged
-    dx, (g[f"{layer}.weight"], g[f"{layer}.bias"]) = ops.linear_backward(dy, cache_linear)
+    dx, (g[f"{layer}.weight"], dbias) = ops.linear_backward(dy, cache_linear)
+    if dbias is not None:
+        g[f"{layer}.bias"] = dbias
     if cache_lora is not None:
         dx_lora, (g[f"{layer}.lora_A"], g[f"{layer}.lora_B"]) = ops.lora_backward(dy, cache_lora)
         dx = dx + dx_lora  # x feeds both terms: the two gradients add
@@ -91,7 +93,9 @@ def block_forward(
 ) -> tuple[np.ndarray, tuple]:
     """x [B, T, C] -> x [B, T, C] through block ``i`` (pre-LN attention, then pre-LN MLP)."""
     ops = kernels(fast)
-    names = BLOCK_PARAMS if lora is None else (*BLOCK_PARAMS, *(f"{m}.lora_{ab}" for m in lora.layers for ab in "AB"))
+    names = block_param_names(config)
+    if lora is not None:
+        names = (*names, *(f"{m}.lora_{ab}" for m in lora.layers for ab in "AB"))
     p = {name: params[f"h.{i}.{name}"] for name in names}
     s = 0.0 if lora is None else lora.scale
     eps = config.layer_norm_epsilon

@@ -18,6 +18,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+import numpy_gpt2
 from mapper import save
 from mapper.checkpoint import CheckpointError, detect_format, load_checkpoint, save_checkpoint
 from mapper.config import GPT2Config
@@ -203,6 +204,37 @@ def test_older_files_with_score_bias_load_when_zero_and_are_refused_otherwise(tm
     assert_params_equal(got, params)
     save_file({**stored, "score.bias": np.array([0.0, 0.5, 0.0], np.float32)}, file, metadata=metadata)
     with pytest.raises(CheckpointError, match=r"nonzero 'score.bias' \(max \|b\| = 0.5\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["hf", "custom", "fused"])
+def test_model_without_qkv_bias_round_trips_and_loads_in_transformers(tmp_path: Path, layout: str) -> None:
+    """The course's model has no q/k/v bias: its parameters lack the key, the engine's layouts store none, and the
+    Hugging Face layout (which has no switch for it) holds zeros, flagged in config.json, so transformers computes
+    the same logits and our loader gives the bias-free parameters back."""
+    config = GPT2Config(vocab_size=23, n_positions=9, n_embd=12, n_layer=2, n_head=3, qkv_bias=False)
+    params = random_params(config, "float64")
+    assert not any(k.endswith("c_attn.bias") for k in params)
+    save_checkpoint(params, config, tmp_path, fmt=layout)
+    got_config, got = load_checkpoint(tmp_path)
+    assert got_config == config
+    assert_params_equal(got, params)
+    stored = load_file(tmp_path / "model.safetensors")
+    biases = [k for k in stored if "c_attn.bias" in k or k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    if layout != "hf":
+        assert biases == []
+        return
+    assert len(biases) == 2 and all(not stored[k].any() for k in biases)
+    assert json.loads((tmp_path / "config.json").read_text())["gpt2_qkv_bias"] is False
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    tokens = np.array([[1, 5, 7, 22, 3]])
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, numpy_gpt2.forward(params, config, tokens), rtol=0, atol=1e-12)
+    # a nonzero bias under a config that says there is none is refused, naming the key
+    stored["transformer.h.1.attn.c_attn.bias"][4] = 0.25
+    save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"no q/k/v bias .*'transformer\.h\.1\.attn\.c_attn\.bias' is not zero"):
         load_checkpoint(tmp_path)
 
 

@@ -81,3 +81,15 @@ def test_init_is_reproducible_and_dtype_independent():
     assert not np.array_equal(init_params(config, 6)["wte.weight"], c["wte.weight"])
     with pytest.raises(ValueError, match="float32 or float64"):
         init_params(config, 0, np.float16)
+
+
+def test_the_course_from_scratch_model_counts_the_book_s_parameters():
+    """The book's GPT-2 small trained from scratch: untied head, no q/k/v bias -> 163,009,536 parameters (its
+    printed figure): 124,439,808 + the head's 50,257 x 768 - 12 layers x 3 x 768 biases."""
+    config = GPT2Config.from_spec("gpt2", "tie_word_embeddings=false,qkv_bias=false")
+    assert config.qkv_bias is False and not config.tie_word_embeddings
+    assert count_params(config) == 163_009_536
+    assert "h.0.attn.c_attn.bias" not in param_shapes(config) and "h.0.attn.c_attn.weight" in param_shapes(config)
+    assert GPT2Config.from_hf_dict(config.to_hf_dict()) == config
+    with pytest.raises(ConfigError, match="qkv_bias must be true or false"):
+        GPT2Config(qkv_bias=0)

@@ -121,6 +121,7 @@ def small_models(draw):
         n_layer=draw(st.integers(1, 2)),
         n_head=n_head,
         tie_word_embeddings=draw(st.booleans()),
+        qkv_bias=draw(st.booleans()),
     )
     B = draw(st.integers(1, 2))
     T = draw(st.integers(1, config.n_positions))

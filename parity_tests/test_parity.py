@@ -36,6 +36,7 @@ def models(draw, max_layers: int = 2, min_embd: int = 2):
         n_layer=draw(st.integers(1, max_layers)),
         n_head=n_head,
         tie_word_embeddings=draw(st.booleans()),
+        qkv_bias=draw(st.booleans()),  # False: the course's model, no q/k/v bias in either backend
     )
     B = draw(st.integers(1, 3))
     T = draw(st.integers(1, config.n_positions))

@@ -174,12 +174,13 @@ class CausalSelfAttention(nn.Module):
         self.layout = attention
         self.n_head = config.n_head
         adapter = lora if lora is not None and "attn" in lora.targets else None
+        bias = config.qkv_bias  # False: the course's model, no q/k/v bias at all
         if attention == "fused":
-            self.c_attn = Linear(C, 3 * C, lora=adapter)  # rows q | k | v
+            self.c_attn = Linear(C, 3 * C, bias=bias, lora=adapter)  # rows q | k | v
         else:
-            self.q_proj = Linear(C, C)
-            self.k_proj = Linear(C, C)
-            self.v_proj = Linear(C, C)
+            self.q_proj = Linear(C, C, bias=bias)
+            self.k_proj = Linear(C, C, bias=bias)
+            self.v_proj = Linear(C, C, bias=bias)
         self.c_proj = Linear(C, C, lora=adapter)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
