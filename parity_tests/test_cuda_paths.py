@@ -105,24 +105,24 @@ def test_each_model_compiles_within_its_own_budget_and_fails_rather_than_runs_ea
     With a budget of 3: two models take 3 shapes each (6 graphs in all), a 4th shape raises instead of silently
     running eager, and under set_stance("fail_on_recompile") a cached shape runs while a new one raises."""
     monkeypatch.setattr(engine_model, "COMPILE_RECOMPILE_LIMIT", 3)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
     torch._dynamo.reset()
     try:
-        models = [GPT2.from_params(params32, SMALL, device="cpu").enable_compile(backend="eager") for _ in range(2)]
-        eager = GPT2.from_params(params32, SMALL, device="cpu")
-        with torch.no_grad():
-            for T in (4, 5, 6):
-                tokens = torch.arange(T)[None] % SMALL.vocab_size
-                for model in models:
-                    torch.testing.assert_close(model(tokens), eager(tokens), rtol=1e-5, atol=1e-5)
-            assert torch._dynamo.config.fail_on_recompile_limit_hit
-            with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
-                models[0](torch.zeros(1, 7, dtype=torch.long))
-            with torch.compiler.set_stance("fail_on_recompile"):
-                models[1](torch.zeros(1, 5, dtype=torch.long))
-                with pytest.raises(RuntimeError):
-                    models[1](torch.zeros(1, 8, dtype=torch.long))
+        with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=False):
+            models = [GPT2.from_params(params32, SMALL, device="cpu").enable_compile(backend="eager")
+                      for _ in range(2)]
+            eager = GPT2.from_params(params32, SMALL, device="cpu")
+            with torch.no_grad():
+                for T in (4, 5, 6):
+                    tokens = torch.arange(T)[None] % SMALL.vocab_size
+                    for model in models:
+                        torch.testing.assert_close(model(tokens), eager(tokens), rtol=1e-5, atol=1e-5)
+                assert torch._dynamo.config.fail_on_recompile_limit_hit
+                with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+                    models[0](torch.zeros(1, 7, dtype=torch.long))
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    models[1](torch.zeros(1, 5, dtype=torch.long))
+                    with pytest.raises(RuntimeError):
+                        models[1](torch.zeros(1, 8, dtype=torch.long))
     finally:
         torch._dynamo.reset()
 
