@@ -344,6 +344,9 @@ def evaluate_goals(rows: list[dict]) -> list[dict]:
     for row in find(workload="load", backend="mapper.load_checkpoint"):
         goals.append(goal(f"peak memory loading {row['size']}, x file size", row["times_file_size"], row["goal"],
                           "ratio", lower_is_better=True))
+        for library in find(workload="load", size=row["size"], backend="safetensors.numpy.load_file"):
+            goals.append(goal(f"seconds loading {row['size']}, mapper / safetensors' load_file",
+                              row["seconds"] / library["seconds"], 1.0, "ratio", lower_is_better=True))
     return goals
 
 
