@@ -253,6 +253,66 @@ def test_gpu_check_dry_run_says_what_it_would_do(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def fake_bench_row(backend: str, workload: str, B: int, T: int, seconds: float) -> dict:
+    row = {"size": "gpt2", "workload": workload, "device": "cuda", "B": B, "T": T, "new_tokens": 16,
+           "backend": backend, "seconds": {"median": seconds, "min": seconds, "max": seconds, "all": [seconds]},
+           "peak_memory_mib": 100.0}
+    if workload == "decode":
+        return row | {"ms_per_token": 1e3 * seconds, "tokens_per_s": B / seconds, "read_gbs": 1.0,
+                      "fraction_of_bandwidth": 0.5, "bytes_per_step": 1e9 * seconds}
+    return row | {"gflops": 1.0, "limit_gflops": 2.0, "fraction_of_limit": 0.55 if "compile" in backend else 0.4}
+
+
+def test_gpu_check_orchestration_on_a_pretend_gpu(tmp_path, monkeypatch, capsys):
+    """The real run's bookkeeping, with the GPU and the stages' commands replaced by stand-ins: every stage runs
+    within its share, a stage that overruns is stopped and reported, the benchmark's points (written by a child
+    that is then stopped) are kept with their ratios and goals, the plots move up, results.md has the tables."""
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from benchmarks import gpu_check
+    from benchmarks.suite import Report, Settings
+
+    monkeypatch.setattr(gpu_check, "preflight", lambda: {
+        "python": sys.executable, "python_version": "3.x", "missing_modules": [], "gpu_hardware": ["GPU 0: Pretend"],
+        "torch": torch.__version__, "torch_cuda": "12.8", "cuda_devices": ["Pretend GPU"]})
+    junit = ('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0"><testcase classname="a" name="ok"/>'
+             '<testcase classname="a" name="bad"><failure/></testcase><testcase classname="a" name="ok2"/>'
+             '</testsuite></testsuites>')
+    monkeypatch.setattr(gpu_check, "tests_command", lambda path: [
+        sys.executable, "-c", f"open({str(path)!r}, 'w').write({junit!r}); raise SystemExit(1)"])
+    rows = [fake_bench_row("torch-cuda-bf16-compile", "train", 16, 1024, 0.05),
+            fake_bench_row("hf-cuda-bf16", "train", 16, 1024, 0.10),
+            fake_bench_row("torch-cuda-bf16", "decode", 1, 128, 0.004),
+            fake_bench_row("hf-cuda-bf16", "decode", 1, 128, 0.008)]
+    report = asdict(Report(settings=asdict(Settings(backends=gpu_check.BENCH_BACKENDS)),
+                           machine={"cpu": "pretend", "gpu": {"name": "Pretend GPU", "memory_gib": 1}},
+                           results=rows))
+    writer = ("import json, pathlib, sys, time; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); "
+              f"(out / 'results.json').write_text(json.dumps({report!r})); "
+              "(out / 'decode.png').write_bytes(b'png'); time.sleep(60)")  # then stopped: out of its time
+    monkeypatch.setattr(gpu_check, "bench_command", lambda out, deadline: [sys.executable, "-c", writer, str(out)])
+    monkeypatch.setattr(gpu_check, "nccl_command", lambda n: [sys.executable, "-c", "print('nccl ok')"])
+    out = tmp_path / "gpu"
+    assert gpu_check.run(out, budget=20, stages=gpu_check.STAGES) == 1  # a test failed, the bench overran
+    result = json.loads((out / "results.json").read_text())
+    tests, bench, nccl = (result["stages"][k] for k in ("tests", "bench", "nccl"))
+    assert tests["failed"] == ["a::bad"] and tests["tests"] == 3 and not tests["passed"]
+    assert bench["timed_out"] and not bench["passed"] and bench["seconds"] < 20
+    assert nccl["passed"] and nccl["processes"] == 1 and result["elapsed_s"] < 25
+    speedups = {(r["backend"], r["workload"]): r.get("speedup_vs_hf") for r in result["bench"]["results"]}
+    assert speedups[("torch-cuda-bf16-compile", "train")] == pytest.approx(2.0)
+    goals = {g["goal"]: g["met"] for g in result["bench"]["goals"]}
+    assert goals["train step B=16 T=1024, torch-cuda-bf16-compile (MFU)"] is True
+    assert goals["decode B=1 context 128, torch-cuda-bf16 vs HF"] is True
+    assert (out / "decode.png").read_bytes() == b"png"
+    markdown = (out / "results.md").read_text()
+    assert "| tests | FAILED |" in markdown and "| bench | out of time |" in markdown and "**train**" in markdown
+    assert sorted(p.name for p in out.iterdir()) == ["bench.log", "cuda-tests.log", "decode.png", "nccl.log",
+                                                     "results.json", "results.md"]
+
+
 # ---------------------------------------------------------------- on a GPU
 
 
