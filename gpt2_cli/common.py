@@ -69,3 +69,28 @@ def load_tokenizer_for(flag_value: str | None):
 def same_path(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name the same file or folder (after resolving links and '..')."""
     return Path(a).resolve() == Path(b).resolve()
+
+
+class TokenStreams:
+    """One model, built once, that streams the next ids of a one-row prompt with the shared sampling rules:
+    ``streams(prompt_ids, max_new_tokens, temperature=..., top_k=..., top_p=..., eos_token_id=..., seed=...)``
+    yields an id array [1] per step (``gpt2 generate``, ``gpt2 chat``)."""
+
+    def __init__(self, backend: str, config: GPT2Config, params: dict[str, np.ndarray], attention: str = "fused",
+                 device=None) -> None:
+        self.backend, self.config, self.params = backend, config, params
+        self.model = None
+        if backend == "torch":
+            from torch_gpt2 import GPT2
+
+            self.model = GPT2.from_params(params, config, attention, device=device)
+
+    def __call__(self, prompt: list[int], max_new_tokens: int, **sampling):
+        if self.model is None:
+            import numpy_gpt2
+
+            return numpy_gpt2.generate_stream(self.params, self.config, np.array([prompt]), max_new_tokens,
+                                              fast=True, **sampling)
+        from torch_gpt2 import generate_stream
+
+        return generate_stream(self.model, [prompt], max_new_tokens, **sampling)

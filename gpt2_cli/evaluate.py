@@ -1,4 +1,5 @@
-"""``gpt2 eval gsm8k``: exact-match accuracy of greedy answers on GSM8K, or of a predictions file."""
+"""``gpt2 eval gsm8k``: exact-match accuracy of greedy answers on GSM8K, or of a predictions file;
+``gpt2 eval instruct``: ROUGE-L of greedy responses on the instruction test split."""
 
 from __future__ import annotations
 
@@ -7,13 +8,33 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2_cli.common import positive_int
+from gpt2_cli.common import add_model_args, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark (gsm8k)",
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark (gsm8k, instruct)",
                        description="Benchmarks with a real metric.")
-    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="gsm8k")
+    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="gsm8k or instruct")
+    i = benches.add_parser(
+        "instruct", help="ROUGE-L on the instruction test split",
+        description="Greedy responses to the test split of an instruction file (the split `gpt2 finetune instruct "
+        "--seed S` makes: 85/10/5 of a seeded permutation) in the Alpaca template, scored by ROUGE-L against the "
+        "references. Any model: --weights, or GPT-2's init of --preset/--config with --init-seed (the untrained "
+        "baseline a fine-tune is compared with).")
+    add_model_args(i, "gpt2, the 124M shape")
+    i.add_argument("--data", required=True, metavar="FILE", help="instruction JSON (instruction, input, output)")
+    i.add_argument("--seed", type=int, default=123,
+                   help="the split's seed, gpt2 finetune instruct's --seed (default 123)")
+    i.add_argument("--init-seed", type=int, default=123,
+                   help="the seed of GPT-2's init when no --weights (default 123)")
+    i.add_argument("--limit", type=positive_int, default=None, help="the first N test records only")
+    i.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per response at most (default 256)")
+    i.add_argument("--backend", choices=["numpy", "torch"], default="torch",
+                   help="which implementation (default torch)")
+    i.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
+    i.add_argument("--out", required=True, metavar="FILE", help="the responses and the score, as JSON")
+    i.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
+    i.set_defaults(func=run_instruct)
     g = benches.add_parser(
         "gsm8k", help="GSM8K exact-match accuracy",
         description="Greedy answers to GSM8K questions in the reasoning format (question, <think>, <answer>); "
@@ -55,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
         lines = "".join(json.dumps({**p, **r}) + "\n" for p, r in zip(predictions, scored["results"], strict=True))
         atomic_write(out, lambda f: f.write(lines.encode()))
         print(f"predictions in {out}", file=sys.stderr)
-    summary = {k: scored[k] for k in ("accuracy", "correct", "n")}
+    summary = {k: scored[k] for k in ("accuracy", "correct", "n", "parse_rate")}
     if args.json:
         atomic_write(Path(args.json), lambda f: f.write((json.dumps(summary) + "\n").encode()))
     print(f"GSM8K exact match: {scored['correct']}/{scored['n']} = {scored['accuracy']:.2%} "
-          f"({scored['n_no_answer']} responses without an <answer>)")
+          f"({scored['n_no_answer']} responses without an <answer>; {scored['parse_rate']:.0%} of the answers hold a "
+          "number)")
     return 0
 
 
@@ -76,3 +98,26 @@ def predict(args: argparse.Namespace, data) -> list[dict]:
     prompts = [encoder.encode(format_reason_prompt(e.question)) for e in data]
     responses = greedy_all(backend, prompts, args.max_new_tokens, encoder, "gsm8k")
     return [{"index": e.index, "response": "<think>\n" + r} for e, r in zip(data, responses, strict=True)]
+
+
+def run_instruct(args: argparse.Namespace) -> int:
+    from gpt2_cli.common import inference_backend, load_tokenizer_for
+    from mapper.atomic import atomic_write
+    from mapper.models import resolve_model
+    from tasks.inference import instruction_responses
+    from tasks.instruct import read_instructions, split_instructions
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    entries = read_instructions(args.data)
+    _, _, test_idx = split_instructions(len(entries), args.seed)
+    test = [entries[i] for i in test_idx][: args.limit]
+    encoder = load_tokenizer_for(args.tokenizer)
+    source = resolve_model(args.weights, args.preset, args.config, "float32", args.init_seed)
+    backend = inference_backend(args.backend, source.config, source.params, args.device)
+    records, rouge = instruction_responses(backend, test, encoder, args.max_new_tokens)
+    result = {"model": source.description, "rouge_l": rouge, "n_test": len(records), "responses": records}
+    atomic_write(out, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    print(f"ROUGE-L {rouge:.4f} over {len(records)} test responses of {source.description}; responses in {out}")
+    return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "the hidden state of each row's last non-padding token. Writes DIR/metrics.json "
                          "(train/val/test accuracy, confusion matrix); DIR loads in transformers.")
     c.add_argument("--data", required=True, metavar="FILE", help="label<TAB>text lines, or a CSV with text,label")
-    add_run_args(c, batch_size=8, lr=5e-5, eval_every=50, what="rows")
+    add_run_args(c, batch_size=8, lr=5e-5, eval_every=50, what="rows", epochs=5)
     c.add_argument("--max-length", type=positive_int, default=None, help="pad/truncate rows to this many tokens "
                    "(default: the longest training text)")
     c.add_argument("--trainable", choices=["last-block", "all", "lora"], default="last-block",
@@ -59,7 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument("--data", required=True, metavar="FILE",
                        help="instruction JSON (instruction, input, output)" if name == "instruct" else
                        "AM-format or GSM8K JSON lines")
-        add_run_args(t, batch_size=8, lr=5e-5, eval_every=50, what="examples")
+        course = name == "instruct"  # the course's chapter 7: 2 epochs, an evaluation every 5 steps
+        add_run_args(t, batch_size=8, lr=5e-5, eval_every=5 if course else 50, what="examples",
+                     epochs=2 if course else None)
         t.add_argument("--max-length", type=positive_int, default=None,
                        help="tokens per example at most (default: the model's context)")
         masked = t.add_mutually_exclusive_group()
@@ -109,6 +112,9 @@ def _setup(args: argparse.Namespace, n_classes: int | None = None):
         config = config.replace(n_classes=n_classes)
     if args.max_length is not None:
         check_fits_context("--max-length", args.max_length, config)
+    if args.init_from is None and not args.resume:
+        print(f"gpt2 finetune: starting from a random initialisation ({init}), not from pretrained weights; the "
+              "course fine-tunes OpenAI's weights: --init-from gpt2", file=sys.stderr)
     if not args.resume:
         if params is None:
             params = init_params(config, args.seed, args.dtype)
@@ -161,9 +167,10 @@ def run_classify(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
     from tasks.classify import prepare_classification
     from tasks.finetune import ClassifyData
-    from tasks.loop import RunArgs
+    from tasks.loop import RunArgs, steps_per_epoch
     from tasks.metrics import accuracy, confusion_matrix
     from tasks.order import in_order
+    from tasks.plots import plot_classification
 
     encoder = load_tokenizer_for(args.tokenizer)
     prepared = prepare_classification(args.data, encoder, args.seed, args.max_length)
@@ -193,6 +200,7 @@ def run_classify(args: argparse.Namespace) -> int:
                                                                len(prepared.class_names)).tolist()
     metrics.update(steps=progress.step, train_seconds=round(progress.elapsed, 1), n_truncated=prepared.n_truncated)
     _write_json(Path(args.out) / "metrics.json", metrics)
+    plot_classification(progress.history, steps_per_epoch(data, run_args), Path(args.out) / "classify.png")
     print("  ".join(f"{k.replace('_accuracy', '')} accuracy {metrics[k]:.2%}" for k in
                     ("train_accuracy", "val_accuracy", "test_accuracy") if k in metrics))
     if "test_confusion_matrix" in metrics:
@@ -209,10 +217,9 @@ def run_classify(args: argparse.Namespace) -> int:
 def run_instruct(args: argparse.Namespace) -> int:
     from gpt2_cli.common import load_tokenizer_for
     from tasks.finetune import ExampleData
-    from tasks.inference import greedy_all
-    from tasks.instruct import encode_examples, format_prompt, read_instructions, split_instructions
+    from tasks.inference import instruction_responses
+    from tasks.instruct import encode_examples, inference_prompt, read_instructions, split_instructions
     from tasks.loop import RunArgs
-    from tasks.metrics import rouge_l
 
     entries = read_instructions(args.data)
     train_idx, val_idx, test_idx = split_instructions(len(entries), args.seed)
@@ -224,7 +231,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     n_cut = sum(len(ids) > limit for ids, _ in examples)
     run_args = RunArgs(**common_run_args(
         args, config, init, [args.data], _sha256(args.data), device, context=limit, stride=0, val_fraction=0.05,
-        sample_prompt=format_prompt(entries[val_idx[0]]) if len(val_idx) else "", sample_tokens=32,
+        sample_prompt=inference_prompt(entries[val_idx[0]]) if len(val_idx) else "", sample_tokens=32,
         task="instruct", options=_options(args, lora, mask_prompt=args.mask_prompt)))
     description = (f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test examples, {n_cut} longer "
                    f"than {limit} tokens truncated")
@@ -234,13 +241,10 @@ def run_instruct(args: argparse.Namespace) -> int:
         return 0
     backend = _final_backend(args, config, lora, device)
     test = [entries[i] for i in test_idx][: args.test_limit]
-    prompts = [encoder.encode(format_prompt(e) + "\n\n### Response:\n") for e in test]
-    responses = greedy_all(backend, prompts, args.max_new_tokens, encoder, "test responses")
-    records = [{**e, "model_response": r.strip()} for e, r in zip(test, responses, strict=True)]
+    records, rouge = instruction_responses(backend, test, encoder, args.max_new_tokens)
     _write_json(Path(args.out) / "test_responses.json", records)
     val_loss = progress.history[-1].get("val_loss") if progress.history else None
-    metrics = {"rouge_l": rouge_l([r["model_response"] for r in records], [r["output"] for r in records]),
-               "val_loss": val_loss, "n_test": len(records), "steps": progress.step,
+    metrics = {"rouge_l": rouge, "val_loss": val_loss, "n_test": len(records), "steps": progress.step,
                "train_seconds": round(progress.elapsed, 1)}
     _write_json(Path(args.out) / "metrics.json", metrics)
     print(f"ROUGE-L {metrics['rouge_l']:.4f} over {len(records)} test responses, validation loss {val_loss:.3f}; "

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 import time
 
-import numpy as np
-
-from gpt2_cli.common import add_model_args, load_tokenizer_for, non_negative_int
+from gpt2_cli.common import TokenStreams, add_model_args, load_tokenizer_for, non_negative_int
 from mapper.models import resolve_model
+from tasks.inference import decode_stream
 
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
@@ -82,27 +80,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.weights:
         print(f"note: no --weights given, generating from an untrained model ({origin}): expect noise",
               file=sys.stderr)
-    if args.backend == "numpy":
-        import numpy_gpt2
-
-        steps = numpy_gpt2.generate_stream(params, config, np.array([prompt]), max_new, fast=True, **sampling)
-    else:
-        from torch_gpt2 import GPT2, generate_stream
-
-        model = GPT2.from_params(params, config, args.attention, device=device)
-        steps = generate_stream(model, [prompt], max_new, **sampling)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    steps = TokenStreams(args.backend, config, params, args.attention, device)(prompt, max_new, **sampling)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     start, n = time.perf_counter(), 0
-    for ids in steps:
-        token = int(ids[0])
-        n += 1
-        if token == eos:
-            break
-        sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
+
+    def counting(stream):
+        nonlocal n
+        for ids in stream:
+            n += 1
+            yield ids
+
+    for piece in decode_stream(counting(steps), enc, eos):
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    sys.stdout.write("\n")
     elapsed = time.perf_counter() - start
     print(f"[{n} tokens in {elapsed:.2f} s, {1000 * elapsed / max(n, 1):.1f} ms/token, backend {args.backend}]",
           file=sys.stderr)

@@ -6,9 +6,23 @@ import argparse
 import sys
 from importlib import metadata
 
-from gpt2_cli import bench, classify, convert, evaluate, finetune, generate, gradcheck, lora, parity, plot, train
+from gpt2_cli import (
+    bench,
+    chat,
+    classify,
+    convert,
+    data,
+    evaluate,
+    finetune,
+    generate,
+    gradcheck,
+    lora,
+    parity,
+    plot,
+    train,
+)
 
-COMMANDS = (parity, generate, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, bench)
+COMMANDS = (parity, generate, chat, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, data, bench)
 
 
 def version() -> str:

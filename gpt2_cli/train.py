@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_every: int, what: str) -> None:
+def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_every: int, what: str,
+                 epochs: int | None = None) -> None:
     """The options every training command shares (gpt2 train and gpt2 finetune ...)."""
     p.add_argument("--out", required=True, metavar="DIR", help="the run's folder (must not hold another run "
                    "unless --resume)")
@@ -75,8 +76,9 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_ev
     p.add_argument("--grad-clip", type=non_negative_float, default=0.0,
                    help="clip the global gradient norm to this (0: no clipping, as the course)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int, default=None, help="passes over the training set "
-                        "(default 1 unless --max-steps)")
+    length.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set "
+                        + ("(default 1 unless --max-steps)" if epochs is None else "(the course's; --max-steps "
+                           "instead overrides it)"))
     length.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps instead of epochs")
     p.add_argument("--eval-every", type=positive_int, default=eval_every, help="evaluate every N steps (also "
                    "after the first and the last)")

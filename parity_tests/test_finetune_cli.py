@@ -11,6 +11,7 @@ import pytest
 
 from gpt2_cli import main
 from mapper import load_checkpoint
+from tasks.metrics import rouge_l
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "n_layer=2,n_embd=32,n_head=2,n_positions=128", "--quiet"]
@@ -89,6 +90,20 @@ def test_instruct_writes_responses_and_rouge(slices, tmp_path):
     assert all({"instruction", "output", "model_response"} <= set(r) for r in responses)
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["rouge_l"] <= 1.0 and metrics["val_loss"] > 0
+    # gpt2 eval instruct on the fine-tune gives the same responses and score; on the untrained init, a baseline
+    scored = tmp_path / "scored.json"
+    assert main(["eval", "instruct", "--weights", str(out), "--data", str(slices / "instructions.json"),
+                 "--backend", "numpy", "--max-new-tokens", "4", "--out", str(scored)]) == 0
+    result = json.loads(scored.read_text())
+    assert [r["model_response"] for r in result["responses"]] == [r["model_response"] for r in responses]
+    assert result["rouge_l"] == metrics["rouge_l"]
+    baseline = tmp_path / "baseline.json"
+    assert main(["eval", "instruct", "--config", TINY[1], "--data", str(slices / "instructions.json"), "--limit", "2",
+                 "--backend", "numpy", "--max-new-tokens", "4", "--out", str(baseline)]) == 0
+    result = json.loads(baseline.read_text())
+    assert result["n_test"] == 2 and "GPT-2 init (seed 123)" in result["model"]
+    assert result["rouge_l"] == rouge_l([r["model_response"] for r in result["responses"]],
+                                        [r["output"] for r in result["responses"]])
 
 
 def test_reason_then_gsm8k_eval_and_predictions_scoring(slices, tmp_path, capsys):
@@ -123,3 +138,22 @@ def test_finetune_refuses_bad_input_in_one_line(slices, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
         assert not out.exists()
+
+
+def test_course_defaults_and_the_random_init_note(slices, tmp_path, capsys):
+    """Chapter 6 trains 5 epochs; chapter 7 trains 2 epochs and evaluates every 5 steps. A run that does not start
+    from pretrained weights says so, and names the course's setting."""
+    from gpt2_cli.main import build_parser
+
+    parser = build_parser()
+    data = str(slices / "sms.tsv")
+    classify = parser.parse_args(["finetune", "classify", "--data", data, "--out", "x"])
+    instruct = parser.parse_args(["finetune", "instruct", "--data", data, "--out", "x"])
+    assert (classify.epochs, classify.eval_every) == (5, 50)
+    assert (instruct.epochs, instruct.eval_every) == (2, 5)
+    assert parser.parse_args(["train", "--data", data, "--out", "x"]).epochs is None  # gpt2 train: 1 unless asked
+    capsys.readouterr()
+    assert main(["finetune", "classify", "--data", data, "--out", str(tmp_path / "c"), "--backend", "numpy", *TINY,
+                 "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "starting from a random initialisation (seed 123)" in err and "--init-from gpt2" in err

@@ -574,6 +574,10 @@ def test_score_gsm8k():
     # plain tuples are indexed by position
     assert reason.score_gsm8k([{"index": 1, "response": "<answer>5"}], [("q", "t", "4"), ("q", "t", "5")])[
         "accuracy"] == 1.0
+    # the parse rate counts answers with a number at all, right or wrong
+    wordy = [{"index": 0, "response": "<answer>eighteen</answer>"}, {"index": 1, "response": "<answer>7</answer>"},
+             {"index": 2, "response": "no tags"}]
+    assert reason.score_gsm8k(wordy, data)["parse_rate"] == 1 / 3
 
 
 def test_score_gsm8k_refuses_bad_predictions():

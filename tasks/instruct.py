@@ -20,8 +20,10 @@ The data rules:
 
   The ``### Input:`` block (and the blank line before it) is there only when the input is non-empty; the
   prompt ends right after the instruction or the input, the response starts with the blank line before
-  ``### Response:``. At inference the model is given the prompt alone (the course's ``format_input``) and
-  writes the response, its ``### Response:`` header included.
+  ``### Response:`` (``RESPONSE_HEADER``). At inference (the test responses, ``gpt2 chat``) the model is given
+  ``inference_prompt``: the prompt and the header, the training text up to the response's first word, so it
+  writes only the response (the course gives the prompt alone and strips the header the model writes; the text
+  that counts is the same).
 * **Split.** ``split_instructions`` cuts a seeded permutation into 85% train (``int(0.85 n)``), 10% test
   (``int(0.1 n)``) and the rest validation: 935 / 110 / 55 of the course's 1,100 records.
 * **Tokens.** ``encode(prompt + response)``, the text ``<|endoftext|>`` inside a record refused; the prompt's
@@ -73,10 +75,19 @@ def format_prompt(entry: Mapping[str, str]) -> str:
     return text
 
 
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+
 def format_response(entry: Mapping[str, str]) -> str:
-    """``"\\n\\n### Response:\\n" + output``."""
+    """``RESPONSE_HEADER + output`` = ``"\\n\\n### Response:\\n" + output``."""
     check_entry(entry)
-    return f"\n\n### Response:\n{entry['output']}"
+    return RESPONSE_HEADER + entry["output"]
+
+
+def inference_prompt(entry: Mapping[str, str]) -> str:
+    """What the model is given to answer ``entry`` (its ``output``, if any, is not used): the prompt and the response
+    header, i.e. the training text ``format_prompt + format_response`` up to the first character of the output."""
+    return format_prompt({"output": "-", **entry}) + RESPONSE_HEADER
 
 
 def read_instructions(path: str | Path) -> list[dict]:

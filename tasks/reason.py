@@ -262,7 +262,8 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 def score_gsm8k(predictions: Iterable[Mapping], data: Sequence[Example]) -> dict:
     """{"accuracy": correct / n, "correct", "n" (predictions scored), "n_no_answer" (responses without an
-    ``<answer>`` tag), "results": [{"index", "correct", "predicted", "reference"}] in the predictions' order}.
+    ``<answer>`` tag), "parse_rate" (the share of answers holding a number at all), "results": [{"index",
+    "correct", "predicted", "reference"}] in the predictions' order}.
 
     A prediction is ``{"index": i, "response": text, ...}``, i a record's ``index`` (its 0-based line in the
     GSM8K file; for records without one, their position in ``data``). An index that names no record, or one
@@ -297,8 +298,10 @@ def score_gsm8k(predictions: Iterable[Mapping], data: Sequence[Example]) -> dict
     if not results:
         raise ValueError("no predictions to score")
     correct = sum(r["correct"] for r in results)
+    numeric = sum(parse_number(r["predicted"]) is not None for r in results)
     return {"accuracy": correct / len(results), "correct": correct, "n": len(results),
-            "n_no_answer": sum(r["predicted"] is None for r in results), "results": results}
+            "n_no_answer": sum(r["predicted"] is None for r in results), "parse_rate": numeric / len(results),
+            "results": results}
 
 
 def read_predictions(path: str | Path) -> list[dict]:
@@ -313,3 +316,48 @@ def read_predictions(path: str | Path) -> list[dict]:
             raise ValueError(f"{where}: 'index' must be an integer, got {index!r}")
         predictions.append(dict(record))
     return predictions
+
+
+class ReasoningSections:
+    """Splits a response streamed piece by piece into its thinking and its answer, for printing them apart.
+
+    The model continues ``format_reason_prompt(question)``, so the stream is ``thinking</think>\\n<answer>\\n``
+    ``answer\\n</answer>``. ``feed(piece)`` returns the ``(section, text)`` pairs that are now certain, section
+    "thinking" or "answer", with the tags left out; a tag split across pieces is held back until it is whole.
+    ``close()`` returns what is still held (a response cut off inside a tag).
+    """
+
+    _TAGS = {"thinking": THINK_CLOSE, "between": ANSWER_OPEN, "answer": ANSWER_CLOSE}
+    _NEXT = {"thinking": "between", "between": "answer", "answer": "after"}
+
+    def __init__(self) -> None:
+        self.section = "thinking"
+        self._held = ""
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        text = self._held + piece
+        self._held = ""
+        while text and self.section != "after":
+            tag = self._TAGS[self.section]
+            at = text.find(tag)
+            if at >= 0:
+                self._emit(out, text[:at])
+                text = text[at + len(tag) :]
+                self.section = self._NEXT[self.section]
+                continue
+            keep = next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+            self._emit(out, text[: len(text) - keep])
+            self._held = text[len(text) - keep :]
+            break
+        return out
+
+    def close(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._emit(out, self._held)
+        self._held = ""
+        return out
+
+    def _emit(self, out: list[tuple[str, str]], text: str) -> None:
+        if text and self.section in ("thinking", "answer"):
+            out.append((self.section, text))
