@@ -262,8 +262,8 @@ class Runner:
             row["limit_gflops"] = limit
             row["fraction_of_limit"] = row["gflops"] / limit if limit else None
         else:
-            # the timed steps run from context T - new_tokens + 1 to T: their mean context is read per step
-            context = point.T - (point.new_tokens - 1) / 2
+            # the timed steps attend over T - new_tokens .. T - 1 cached positions: each reads their mean
+            context = point.T - (point.new_tokens + 1) / 2
             step_bytes = decode_bytes(config, point.B, context, spec.decode_itemsize)
             row["ms_per_token"] = 1e3 * median
             row["tokens_per_s"] = point.B / median
