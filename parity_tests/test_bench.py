@@ -43,7 +43,8 @@ def test_flop_and_byte_counts_match_a_hand_count():
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    settings = Settings(quick=True, config=TINY, repeats=1, backends=("numpy", "torch-cpu", "torch-cuda", "hf"))
+    settings = Settings(quick=True, config=TINY, repeats=1, backends=("numpy", "torch-cpu", "torch-cuda", "hf"),
+                        threads=2)
     return run(settings, out, log=lambda line: None), out
 
 
