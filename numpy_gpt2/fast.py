@@ -89,13 +89,20 @@ def row_blocks(n_rows: int, row_size: int, threads: int | None) -> list[slice]:
 
 
 def on_row_blocks(work: Callable[[slice], object], blocks: list[slice]) -> list:
-    """``work(block)`` for every block, in parallel threads when there are several; their results in order."""
+    """``work(block)`` for every block, in parallel threads when there are several; their results in order. The
+    caller's floating-point error handling (``np.errstate``, local to a thread) applies in the threads too."""
     if len(blocks) == 1:
         return [work(blocks[0])]
     pool = _pools.get(len(blocks))
     if pool is None:
         pool = _pools[len(blocks)] = ThreadPoolExecutor(len(blocks), thread_name_prefix="numpy_gpt2.fast")
-    return [job.result() for job in [pool.submit(work, block) for block in blocks]]
+    errors = np.geterr()
+
+    def as_caller(block: slice) -> object:
+        with np.errstate(**errors):
+            return work(block)
+
+    return [job.result() for job in [pool.submit(as_caller, block) for block in blocks]]
 
 
 def gelu_forward(x: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, tuple]:

@@ -106,6 +106,16 @@ def test_cross_entropy_on_row_blocks_is_the_spec_bit_for_bit(N, V, threads, igno
                                   ops.softmax_cross_entropy_backward(0.7, cache_spec)[0])
 
 
+def test_row_block_threads_keep_the_callers_error_handling():
+    """np.errstate is local to a thread: the blocks run under the caller's, so an overflow the caller ignores
+    stays silent and one it raises on still raises."""
+    x = np.full((8, 1, 4), 1e30, np.float32)
+    with np.errstate(over="ignore"):
+        fast.gelu_forward(x, threads=4)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        fast.gelu_forward(x, threads=4)
+
+
 def test_row_blocks_cover_every_row_once():
     for n_rows, row_size, threads in ((10, 4, 3), (2, 1 << 20, None), (5, 1, None), (1, 10, 8), (7, 100, 7)):
         blocks = fast.row_blocks(n_rows, row_size, threads)
