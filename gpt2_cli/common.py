@@ -17,9 +17,10 @@ TINY_DEFAULT = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=
 def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: bool = True) -> None:
     """--weights / --preset / --config."""
     if weights:
-        parser.add_argument("--weights", metavar="PATH",
-                            help="a checkpoint file or folder in any format `gpt2 convert` reads (HF safetensors or "
-                                 ".bin, OpenAI's TensorFlow checkpoint, this project's)")
+        parser.add_argument("--weights", metavar="PATH_OR_NAME",
+                            help="a checkpoint file or folder in any format `gpt2 convert` reads, or a model name: "
+                                 "gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name[@revision] (Hugging Face Hub), "
+                                 "openai:124M|355M|774M|1558M (OpenAI's files); fetched once, then from the cache")
     parser.add_argument("--preset", choices=list(PRESETS), help=f"a GPT-2 size, random init (default: {default_desc})")
     parser.add_argument("--config", metavar="SPEC",
                         help="a config JSON file (Hugging Face config.json or this project's fields), or overrides "
@@ -43,7 +44,8 @@ def non_negative_int(text: str) -> int:
 
 
 def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.ndarray], device: str | None = None):
-    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train."""
+    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train, computing in the
+    parameters' dtype."""
     if backend == "numpy":
         from numpy_gpt2.backend import NumpyBackend
 
@@ -51,7 +53,8 @@ def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.nda
     from torch_gpt2 import resolve_device
     from torch_gpt2.backend import TorchBackend
 
-    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)))
+    dtype = str(next(iter(params.values())).dtype)
+    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)), dtype=dtype)
 
 
 def load_tokenizer_for(flag_value: str | None):

@@ -1,5 +1,6 @@
 """``gpt2 eval gsm8k``: exact-match accuracy of greedy answers on GSM8K, or of a predictions file;
-``gpt2 eval instruct``: ROUGE-L of greedy responses on the instruction test split."""
+``gpt2 eval instruct``: ROUGE-L of greedy responses on the instruction test split; ``gpt2 eval loss``: a model's
+train/validation loss on a text with the course's windows."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from gpt2_cli.common import add_model_args, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark (gsm8k, instruct)",
-                       description="Benchmarks with a real metric.")
-    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="gsm8k or instruct")
+    p = sub.add_parser("eval", help="evaluate a model: its loss on a text, or a benchmark (gsm8k, instruct)",
+                       description="Evaluations with a real metric.")
+    benches = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="loss, gsm8k or instruct")
+    add_loss_parser(benches)
     i = benches.add_parser(
         "instruct", help="ROUGE-L on the instruction test split",
         description="Greedy responses to the test split of an instruction file (the split `gpt2 finetune instruct "
@@ -54,6 +56,60 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", metavar="OUT", default=None, help="write {accuracy, correct, n} here")
     g.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
     g.set_defaults(func=run)
+
+
+def add_loss_parser(benches: argparse._SubParsersAction) -> None:
+    from tasks.eval_loss import COURSE_CONTEXT, COURSE_STRIDE, COURSE_VAL_FRACTION, EVAL_BATCH
+
+    g = benches.add_parser(
+        "loss", help="train and validation loss on a text, with the course's windows",
+        description="The mean next-token cross-entropy of a model on text files split into a training head and a "
+        "validation tail by characters (the course's 90/10), each cut into windows of --context tokens every "
+        "--stride tokens (a last partial window dropped), as chapter 5 computes it for OpenAI's weights; any "
+        "checkpoint or model name works (e.g. --weights gpt2 or openai:124M on data/the-verdict.txt).")
+    g.add_argument("--weights", required=True, metavar="PATH_OR_NAME",
+                   help="a checkpoint in any readable format, or a model name (gpt2, owner/name, openai:124M, ...)")
+    g.add_argument("--data", required=True, nargs="+", metavar="FILE", help="UTF-8 text files (joined with "
+                   "<|endoftext|>)")
+    g.add_argument("--context", type=positive_int, default=COURSE_CONTEXT,
+                   help=f"tokens per window (default {COURSE_CONTEXT}, the course's)")
+    g.add_argument("--stride", type=positive_int, default=COURSE_STRIDE,
+                   help=f"tokens between window starts (default {COURSE_STRIDE})")
+    g.add_argument("--val-fraction", type=float, default=COURSE_VAL_FRACTION,
+                   help=f"share of the characters, at the end, that is the validation tail (default "
+                        f"{COURSE_VAL_FRACTION})")
+    g.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH,
+                   help=f"windows per forward pass (default {EVAL_BATCH}, the course's; the mean does not change)")
+    g.add_argument("--backend", choices=["numpy", "torch"], default="torch",
+                   help="which implementation (default torch)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="arithmetic (default float32)")
+    g.add_argument("--json", metavar="OUT", default=None, help="also write the figures here as JSON")
+    g.add_argument("--tokenizer", default=None, metavar="PATH", help="GPT-2 tokenizer files")
+    g.set_defaults(func=run_loss)
+
+
+def run_loss(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from gpt2_cli.common import inference_backend, load_tokenizer_for
+    from mapper.atomic import atomic_write
+    from mapper.models import resolve_model
+    from tasks.eval_loss import text_losses
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    encoder = load_tokenizer_for(args.tokenizer)
+    source = resolve_model(args.weights, None, None, args.dtype, 0)
+    backend = inference_backend(args.backend, source.config, source.params, args.device)
+    result = text_losses(backend, source.config, args.data, encoder, args.context, args.stride, args.val_fraction,
+                         args.batch_size)
+    val = "" if result.val_loss is None else f", validation loss {result.val_loss:.4f} ({result.val_windows} windows)"
+    print(f"train loss {result.train_loss:.4f} ({result.train_windows} windows of {result.context} tokens, stride "
+          f"{result.stride}){val}; {source.description}")
+    if args.json:
+        atomic_write(Path(args.json), lambda f: f.write((json.dumps(asdict(result)) + "\n").encode()))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

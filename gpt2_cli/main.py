@@ -12,6 +12,7 @@ from gpt2_cli import (
     classify,
     convert,
     data,
+    download,
     evaluate,
     finetune,
     generate,
@@ -22,7 +23,8 @@ from gpt2_cli import (
     train,
 )
 
-COMMANDS = (parity, generate, chat, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, data, bench)
+COMMANDS = (parity, generate, chat, download, convert, gradcheck, train, finetune, classify, evaluate, lora, plot,
+            data, bench)
 
 
 def version() -> str:

@@ -61,7 +61,9 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_ev
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
                    help="the NumPy spec (readable loop) or the torch engine")
     add_model_args(p, "gpt2, the 124M shape", weights=False)
-    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights instead of the seeded init")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from these weights instead of the seeded init: a checkpoint, or a model name (gpt2, "
+                        "owner/name, openai:124M, ...)")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"{what} per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=non_negative_float, default=lr, help="peak learning rate")

@@ -27,6 +27,8 @@ GPT2_CONTEXT = 1024
 GPT2_EOS_TOKEN_ID = 50256
 # config.json field of a model without the q/k/v bias; transformers ignores it and reads the zero bias in the file
 QKV_BIAS_KEY = "gpt2_qkv_bias"
+# the course's config dict (GPT_CONFIG_124M), which its model files do not carry; saved as JSON it is read too
+COURSE_CONFIG_KEYS = frozenset({"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"})
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class GPT2Config:
                 raise ConfigError(f"config file {spec} does not hold a JSON object")
             if set(data) <= set(cls.__dataclass_fields__):
                 return cls(**data)
+            if COURSE_CONFIG_KEYS <= set(data):
+                return cls.from_course_dict(data)
             return cls.from_hf_dict(data)  # anything else is read as a Hugging Face config.json
         fields: dict[str, Any] = {}
         for item in (spec or "").split(","):
@@ -201,6 +205,16 @@ class GPT2Config:
             # transformers pools at the rightmost token != pad_token_id (and refuses batches without one)
             d["pad_token_id"] = d["eos_token_id"]
         return d
+
+    @classmethod
+    def from_course_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        """Read the course's config dict (``GPT_CONFIG_124M``: ``vocab_size``, ``context_length``, ``emb_dim``,
+        ``n_heads``, ``n_layers``, ``qkv_bias``; ``drop_rate`` is training-only and ignored), e.g. saved as JSON."""
+        try:
+            return cls(vocab_size=d["vocab_size"], n_positions=d["context_length"], n_embd=d["emb_dim"],
+                       n_layer=d["n_layers"], n_head=d["n_heads"], qkv_bias=d.get("qkv_bias", False))
+        except KeyError as e:
+            raise ConfigError(f"the course's config lacks the field {e.args[0]!r}") from None
 
     @classmethod
     def from_openai_hparams(cls, d: dict[str, Any]) -> GPT2Config:

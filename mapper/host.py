@@ -1,14 +1,11 @@
 """What this machine is, as the engines and the benchmarks need to know it: the CPU's model and feature flags, and
-the user's cache folder (where measured per-machine choices are kept). Linux reads ``/proc/cpuinfo``; elsewhere
-the flags are empty and the model is ``platform``'s processor name."""
+which low-precision types it multiplies natively. Linux reads ``/proc/cpuinfo``; elsewhere the flags are empty
+and the model is ``platform``'s processor name."""
 
 from __future__ import annotations
 
-import os
 import platform
-from pathlib import Path
 
-CACHE_ENV = "GPT2_CACHE_DIR"  # overrides the cache folder (tests point it at a temporary one)
 # What the CPU needs to multiply in a low precision natively; without it torch emulates the type in float32 code
 LOW_PRECISION_FLAGS = {
     "bf16": frozenset({"avx512_bf16", "amx_bf16"}),
@@ -48,12 +45,3 @@ def low_precision_support(flags: frozenset[str]) -> dict[str, str | None]:
         out[name] = None if needed & flags else (
             f"this CPU has no {' or '.join(sorted(needed))} instructions (it would emulate {name} in float32 code)")
     return out
-
-
-def user_cache_dir() -> Path:
-    """``$GPT2_CACHE_DIR``, else ``$XDG_CACHE_HOME/gpt2-from-scratch``, else ``~/.cache/gpt2-from-scratch``
-    (not created here)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpt2-from-scratch"

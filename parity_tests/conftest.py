@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mapper.host import CACHE_ENV
+# No test reaches the internet. huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported (by the test
+# modules, after this file); OpenAI's route of mapper.download goes to a closed local port. The download tests
+# give their own in-process 127.0.0.1 servers explicitly (and subprocesses their own environment).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GPT2_OPENAI_BASE_URL"] = "http://127.0.0.1:9"
 
 # "ci" keeps the whole suite within CI's budget on 2 cores and is derandomized, so a CI run is repeatable;
 # "thorough" draws 4x as many examples, randomly, for local hunting:  HYPOTHESIS_PROFILE=thorough pytest
@@ -25,13 +29,13 @@ DATA = REPO / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")
-def private_cache_dir(tmp_path_factory):
-    """Per-machine measurements (torch_gpt2.onednn's kernel choice) go to a temporary cache folder, not the user's;
-    the commands that tests start as subprocesses inherit it."""
-    previous = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user-cache"))
+def _private_download_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Whatever a test would download, and every per-machine measurement (torch_gpt2.onednn's kernel choice), lands
+    in a temporary folder, never the user's cache; the commands tests start as subprocesses inherit it."""
+    saved = os.environ.get("GPT2_CACHE")
+    os.environ["GPT2_CACHE"] = str(tmp_path_factory.mktemp("gpt2-cache"))
     yield
-    if previous is None:
-        del os.environ[CACHE_ENV]
+    if saved is None:
+        os.environ.pop("GPT2_CACHE", None)
     else:
-        os.environ[CACHE_ENV] = previous
+        os.environ["GPT2_CACHE"] = saved

@@ -122,7 +122,8 @@ def test_reason_then_gsm8k_eval_and_predictions_scoring(slices, tmp_path, capsys
                            + json.dumps({"index": 1, "response": "<answer>4</answer>"}) + "\n")
     assert main(["eval", "gsm8k", "--predictions", str(predictions), "--data", str(test), "--json",
                  str(summary)]) == 0
-    assert json.loads(summary.read_text()) == {"accuracy": 0.5, "correct": 1, "n": 2}  # Janet's ducks: 18; robe: 3
+    # Janet's ducks: 18; robe: 3; both answers hold a number
+    assert json.loads(summary.read_text()) == {"accuracy": 0.5, "correct": 1, "n": 2, "parse_rate": 1.0}
 
 
 def test_finetune_refuses_bad_input_in_one_line(slices, tmp_path, capsys):

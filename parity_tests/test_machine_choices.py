@@ -18,7 +18,8 @@ from benchmarks.backends import ALL_BACKENDS, BackendSpec, unavailable_reason
 from benchmarks.common import default_threads
 from gpt2_cli.main import build_parser
 from mapper import GPT2Config, init_params
-from mapper.host import CACHE_ENV, cpu_flags, cpu_model, low_precision_support
+from mapper.download import CACHE_ENV
+from mapper.host import cpu_flags, cpu_model, low_precision_support
 from parity_tests.conftest import DATA, REPO
 from tasks.runlog import read_log
 from torch_gpt2 import GPT2, onednn

@@ -176,6 +176,12 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(text, tmp_path):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens)).logits.double().numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+    # the run folder also holds GPT-2's tokenizer and generation config: transformers' pipeline runs on it offline
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    generated = pipe("The Verdict", max_new_tokens=5, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt = load_tokenizer().encode("The Verdict")
+    expected = numpy_gpt2.generate(params, config, np.array([prompt]), 5, eos_token_id=config.eos_token_id)[0]
+    assert list(generated) == expected.tolist()[: len(generated)] and len(generated) > len(prompt)
 
 
 def test_float64_backends_agree_step_by_step(text, tmp_path):

@@ -3,6 +3,8 @@ anything is written.
 
     DIR/config.json, DIR/model.safetensors   the model of the last checkpoint, Hugging Face layout: gpt2 generate,
                                              gpt2 convert and transformers load DIR directly
+    DIR/generation_config.json, vocab.json,  what transformers.pipeline("text-generation", model=DIR) needs beside
+    merges.txt, tokenizer_config.json        it (``mapper.save_pipeline_files``), written with the first checkpoint
     DIR/checkpoint/                          the last complete checkpoint: that model, optimizer.safetensors
                                              (AdamW's moments in the canonical schema) and state.json (step,
                                              tokens seen, the run's arguments)
@@ -33,6 +35,7 @@ from mapper.checkpoint import (
     load_tensors,
     save_checkpoint,
     save_lora_adapters,
+    save_pipeline_files,
     save_tensors,
 )
 from mapper.config import GPT2Config
@@ -166,6 +169,7 @@ def write_checkpoint(out_dir: Path, backend, args: RunArgs, state: dict[str, Any
         except OSError:
             shutil.copyfile(exported / name, link)
         os.replace(link, out_dir / name)
+    save_pipeline_files(backend.config, out_dir, keep_existing=True)
     fsync_dir(out_dir)
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mapper.checkpoint import load_checkpoint
 from mapper.config import GPT2Config
 from mapper.layouts import check_attention_layout, check_lora_layout, from_module_state, to_module_state
 from mapper.lora import LoraConfig, init_lora_params
@@ -338,6 +339,14 @@ class GPT2(nn.Module):
         if compile:
             model.enable_compile()
         return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, attention: str = "fused", **kwargs: Any) -> GPT2:
+        """A module holding a checkpoint: a local file or folder in any format ``mapper.load_checkpoint`` reads, or a
+        model name (``gpt2`` ... ``gpt2-xl``, ``owner/name[@revision]`` on the Hub, ``openai:124M`` ...), downloaded
+        once and then read from the cache. ``kwargs`` as :meth:`from_params` (``device``, ``dtype``, ...)."""
+        config, params = load_checkpoint(name_or_path)
+        return cls.from_params(params, config, attention, **kwargs)
 
     @classmethod
     def from_config(

@@ -23,7 +23,8 @@ Measured forward + backward, B*T = 256 rows, float32, 2 threads: the 768x3072 la
 path (376 against oneDNN's 362 GFLOP/s on the 768x3072 product): the vendor does not decide it. The first
 float32 CPU product of a model left at ``onednn_linear=None`` (the default) runs :func:`measure_linear_kernels`,
 about a second of GPT-2 124M-shaped products, forward and backward, by both kernels, and keeps the faster;
-the result is cached per CPU model and torch version in ``user_cache_dir()/linear-kernel.json``, so later
+the result is cached per CPU model and torch version in ``cache_root()/linear-kernel.json`` (the project's
+cache folder, ``$GPT2_CACHE``), so later
 processes only read it. ``GPT2_ONEDNN_LINEAR=1`` (or 0) overrides the measurement, and ``onednn_linear=True``
 (or False) on a model overrides both. ``gpt2 --version`` and the bench header print the choice and why.
 """
@@ -43,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from mapper.atomic import atomic_write
-from mapper.host import cpu_model, user_cache_dir
+from mapper.download import cache_root
+from mapper.host import cpu_model
 from mapper.parity import scaled_error
 
 ENV = "GPT2_ONEDNN_LINEAR"  # 1 / 0: oneDNN or F.linear for models left at onednn_linear=None
@@ -225,7 +227,7 @@ def preferred_linear() -> LinearChoice:
         return LinearChoice(forced, f"{ENV}={os.environ[ENV]}")
     if not onednn_linear_available():
         return LinearChoice(False, "oneDNN's linear is not available in this torch build, or failed its check")
-    path = user_cache_dir() / CACHE_FILE
+    path = cache_root() / CACHE_FILE
     entries = _read_cache(path)
     key = _cache_key()
     entry = entries.get(key)

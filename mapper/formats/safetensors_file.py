@@ -21,7 +21,7 @@ import numpy as np
 
 from mapper.atomic import atomic_write
 from mapper.errors import CheckpointError
-from mapper.formats.stored import Stored
+from mapper.formats.stored import Stored, bfloat16_to_float32
 
 SAFETENSORS_ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -103,8 +103,7 @@ def _safetensors_reader(
             raise CheckpointError(f"{file}: key {key!r} has dtype {code}; GPT-2 parameters must be floating point")
         _read_exact(file, offset, raw, key)
         if code == "BF16":
-            # bfloat16 is the top half of a float32: shift the 16 stored bits into place.
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            return bfloat16_to_float32(raw)
         return raw.astype(np.float32) if code == "F16" else raw
 
     return read
