@@ -235,6 +235,23 @@ def test_switches_are_refused_where_they_mean_nothing(flags, message, tmp_path, 
     assert not out.exists()
 
 
+def test_a_run_saved_before_the_switches_existed_resumes_with_them_off():
+    """state.json written before --tf32/--deterministic: those arguments count as their defaults (off), so resuming
+    without them is the same run, and resuming with one of them on is refused, by name."""
+    from dataclasses import asdict, replace
+
+    from tasks.run_folder import RunArgs, check_same_run
+
+    args = RunArgs(backend="torch", dtype="float32", config={}, init="seed 1", data=["x"], data_sha256="0", context=8,
+                   stride=8, batch_size=2, grad_accum=1, lr=1e-3, schedule="constant", min_lr=0.0, warmup_steps=0,
+                   weight_decay=0.1, decay="matrices", grad_clip=0.0, epochs=1, max_steps=None, eval_every=5,
+                   eval_batches=1, val_fraction=0.1, seed=1, sample_prompt="", sample_tokens=4)
+    old = {k: v for k, v in asdict(args).items() if k not in ("tf32", "deterministic")}
+    check_same_run(old, args)
+    with pytest.raises(ValueError, match="deterministic False -> True"):
+        check_same_run(old, replace(args, deterministic=True))
+
+
 # ---------------------------------------------------------------- scripts/gpu-check without a GPU
 
 
