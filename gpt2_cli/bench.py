@@ -18,6 +18,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from benchmarks.backends import ALL_BACKENDS, GROUPS
+    from benchmarks.common import default_threads
     from benchmarks.suite import DEFAULT_BACKENDS, EXTRA_WORKLOADS, WORKLOADS
     from mapper.config import PRESETS
 
@@ -43,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         + "; ".join(f"{k}: {v}" for k, v in EXTRA_WORKLOADS.items()))
     p.add_argument("--config", metavar="SPEC", default=None,
                    help="measure this shape instead of --sizes (e.g. 'n_layer=2,n_embd=64,n_head=4'; random init)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for NumPy's BLAS and torch (default 2)")
+    p.add_argument("--threads", type=positive_int, default=default_threads(),
+                   help="CPU threads for NumPy's BLAS and torch (default: every CPU this process may use, here "
+                   f"{default_threads()})")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed repeats per point after one warm-up (default 5; 3 with --quick)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and the inputs (default 0)")

@@ -36,10 +36,12 @@ def version() -> str:
 
 
 class VersionAction(argparse.Action):
-    """``--version``: the package's version and the kernels NumPy runs on (who chose them)."""
+    """``--version``: the package's version, the kernels NumPy runs on and those torch's CPU linear layers take
+    (who chose them; the latter measured on first use, see ``torch_gpt2.onednn``)."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and NumPy's BLAS kernels, then exit")
+        super().__init__(option_strings, dest, nargs=0,
+                         help="print the version and the CPU kernels NumPy and torch use, then exit")
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         import numpy as np
@@ -49,6 +51,18 @@ class VersionAction(argparse.Action):
         blas = openblas_kernels()
         print(f"gpt2 {version()}; numpy {np.__version__} on OpenBLAS's {blas['core']} kernels "
               f"(chosen by {blas['chosen_by']})")
+        try:
+            import torch
+        except ImportError:
+            print("torch: not installed")
+        else:
+            from torch_gpt2.onednn import preferred_linear
+
+            try:
+                choice = preferred_linear().describe()
+            except ValueError as e:  # a bad GPT2_ONEDNN_LINEAR
+                parser.exit(2, f"gpt2: error: {e}\n")
+            print(f"torch {torch.__version__}: float32 CPU linear layers on {choice}")
         parser.exit()
 
 

@@ -25,7 +25,8 @@ from mapper.training import distributed_world
 # argparse destination of their option; device and compile are how this process runs, the user's to choose
 RESUMED_FIELDS = ("backend", "dtype", "context", "stride", "batch_size", "grad_accum", "lr", "schedule", "min_lr",
                   "warmup_steps", "weight_decay", "decay", "grad_clip", "epochs", "max_steps", "eval_every",
-                  "eval_batches", "val_fraction", "seed", "sample_prompt", "sample_tokens", "save_every", "autocast")
+                  "eval_batches", "val_fraction", "seed", "sample_prompt", "sample_tokens", "save_every", "autocast",
+                  "tf32", "deterministic")
 RESUMED_OPTIONS = ("trainable", "max_length", "mask_prompt")
 MODEL_FLAGS = {"preset", "config", "init_from"}
 
@@ -94,6 +95,10 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int, lr: float, eval_ev
     p.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")
     p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="torch mixed precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--tf32", action="store_true", help="CUDA float32 matmuls on TF32 tensor cores (faster, ~1e-3 "
+                   "relative; off by default, as for the parity tests)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic torch kernels, so that --resume is "
+                   "bit-exact on a GPU too (some backward kernels are slower)")
     p.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own arguments (any "
@@ -113,13 +118,16 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data is None:
         raise ValueError("--data is required (only --resume takes it from the run)")
     if args.backend == "numpy":
-        for flag, value in (("--device", args.device), ("--autocast", args.autocast), ("--compile", args.compile)):
+        for flag, value in (("--device", args.device), ("--autocast", args.autocast), ("--compile", args.compile),
+                            ("--tf32", args.tf32), ("--deterministic", args.deterministic)):
             if value:
                 raise ValueError(f"{flag} is a torch option; the numpy backend runs on the CPU in --dtype")
         if distributed_world()[1] > 1:
             raise ValueError("several processes (torchrun) train only with --backend torch")
     if args.autocast and args.dtype == "float64":
         raise ValueError("--autocast needs --dtype float32")
+    if args.tf32 and args.dtype == "float64":
+        raise ValueError("--tf32 is a mode of float32 matmuls; it needs --dtype float32")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
 
@@ -187,7 +195,10 @@ def resolve_run_device(args: argparse.Namespace) -> str:
 
     from torch_gpt2 import resolve_device
 
-    return str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+    device = str(resolve_device(args.device, torch.float64 if args.dtype == "float64" else torch.float32))
+    if args.tf32 and not device.startswith("cuda"):
+        raise ValueError(f"--tf32 needs a CUDA device (TF32 is a GPU tensor-core mode); this run is on {device}")
+    return device
 
 
 def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] | None = None, lora=None):
@@ -202,7 +213,8 @@ def backend_factory(args: argparse.Namespace, device: str, trainable: set[str] |
         from torch_gpt2.backend import TorchBackend
 
         return TorchBackend(config, params, args.weight_decay, args.decay, device=device, dtype=args.dtype,
-                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora)
+                            autocast=args.autocast, compile=args.compile, trainable=trainable, lora=lora,
+                            tf32=args.tf32, deterministic=args.deterministic)
 
     return make_backend
 
@@ -217,7 +229,7 @@ def common_run_args(args: argparse.Namespace, config, init: str, data: list[str]
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, decay=args.decay, grad_clip=args.grad_clip,
         epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, save_every=args.save_every, device=device, autocast=args.autocast, compile=args.compile,
-        world_size=distributed_world()[1], **task)
+        tf32=args.tf32, deterministic=args.deterministic, world_size=distributed_world()[1], **task)
 
 
 def execute(command: str, args: argparse.Namespace, run_args, data, encoder, config, params, make_backend,

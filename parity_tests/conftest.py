@@ -30,7 +30,8 @@ DATA = REPO / "data"
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_download_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Whatever a test would download lands in a temporary folder, never the user's cache."""
+    """Whatever a test would download, and every per-machine measurement (torch_gpt2.onednn's kernel choice), lands
+    in a temporary folder, never the user's cache; the commands tests start as subprocesses inherit it."""
     saved = os.environ.get("GPT2_CACHE")
     os.environ["GPT2_CACHE"] = str(tmp_path_factory.mktemp("gpt2-cache"))
     yield

@@ -25,7 +25,7 @@ import fcntl
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class RunArgs:
     device: str = "cpu"
     autocast: str | None = None
     compile: bool = False
+    tf32: bool = False
+    deterministic: bool = False
     world_size: int = 1
     task: str = "pretrain"
     options: dict = field(default_factory=dict)  # the task's own settings (trainable, lora, mask_prompt, ...)
@@ -206,10 +208,12 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def check_same_run(saved: dict, args: RunArgs) -> None:
-    """``ValueError`` naming every argument that differs from the run being resumed."""
+    """``ValueError`` naming every argument that differs from the run being resumed. An argument the saved run
+    predates (a field added since, such as ``tf32``) counts as its default, which is what that run computed with."""
     current = asdict(args)
-    diffs = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current if k not in HOW_FIELDS and saved.get(k) !=
-             current[k]]
+    defaults = {f.name: f.default for f in fields(RunArgs) if f.default is not MISSING}
+    before = {k: saved.get(k, defaults.get(k)) for k in current}
+    diffs = [f"{k} {before[k]!r} -> {current[k]!r}" for k in current if k not in HOW_FIELDS and before[k] != current[k]]
     if diffs:
         raise ValueError("--resume continues a run with its own arguments, and these differ from it: "
                          + "; ".join(diffs))
