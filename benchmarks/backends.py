@@ -8,8 +8,11 @@ inputs handed to it as NumPy arrays (moved to its device before timing starts):
 * ``decode(prompt, n)``: ``n`` greedy tokens after a [B, T] prompt through the KV cache.
 
 Backends: ``numpy`` (the spec on its fast path, float32), ``torch-cpu-fused`` / ``torch-cpu-custom`` (the
-engine's two layouts, float32), ``torch-cuda-{fp32,tf32,bf16}`` with ``-compile`` variants, and Hugging Face
-``GPT2LMHeadModel`` (``hf-cpu``, ``hf-cuda-fp32``, ``hf-cuda-bf16``) as the reference a user would pick instead.
+engine's two layouts, float32), ``torch-cpu-bf16`` (fused, bf16 autocast; where the CPU multiplies bf16
+natively), ``torch-cuda-{fp32,tf32,bf16}`` with ``-compile`` variants, and Hugging Face ``GPT2LMHeadModel`` at
+the same device and precision (``hf-cpu``, ``hf-cpu-bf16``, ``hf-cuda-fp32``, ``hf-cuda-tf32``,
+``hf-cuda-bf16``) as the reference a user would pick instead. Each row is compared with the Hugging Face row of
+its own device and precision (:attr:`BackendSpec.hf_reference`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mapper.config import GPT2Config
+from mapper.host import cpu_flags, low_precision_support
 
 LR, WEIGHT_DECAY = 1e-5, 0.1  # small enough that repeated steps stay finite; the cost does not depend on it
 
@@ -38,15 +42,24 @@ class BackendSpec:
     attention: str = "fused"
 
     @property
-    def weight_itemsize(self) -> int:
-        return 4  # weights stay float32; bf16 runs under autocast
+    def decode_itemsize(self) -> int:
+        """Bytes per weight and per cached key/value a decoding step of this precision reads: bf16 decoding runs on
+        weights cast once to bf16 (``GPT2.decoding_model``) and keeps its KV cache in bf16."""
+        return 2 if self.precision == "bf16" else 4
+
+    @property
+    def hf_reference(self) -> str:
+        """The Hugging Face row this one is compared with: same device, same precision (TF32 against TF32)."""
+        return "hf-cpu" if (self.device, self.precision) == ("cpu", "fp32") else f"hf-{self.device}-{self.precision}"
 
 
 CPU_BACKENDS = (
     BackendSpec("numpy", "numpy"),
     BackendSpec("torch-cpu-fused", "torch"),
     BackendSpec("torch-cpu-custom", "torch", attention="custom"),
+    BackendSpec("torch-cpu-bf16", "torch", precision="bf16"),
     BackendSpec("hf-cpu", "hf"),
+    BackendSpec("hf-cpu-bf16", "hf", precision="bf16"),
 )
 CUDA_BACKENDS = (
     BackendSpec("torch-cuda-fp32", "torch", "cuda", "fp32"),
@@ -56,15 +69,16 @@ CUDA_BACKENDS = (
     BackendSpec("torch-cuda-tf32-compile", "torch", "cuda", "tf32", compile=True),
     BackendSpec("torch-cuda-bf16-compile", "torch", "cuda", "bf16", compile=True),
     BackendSpec("hf-cuda-fp32", "hf", "cuda", "fp32"),
+    BackendSpec("hf-cuda-tf32", "hf", "cuda", "tf32"),
     BackendSpec("hf-cuda-bf16", "hf", "cuda", "bf16"),
 )
 ALL_BACKENDS = {spec.name: spec for spec in CPU_BACKENDS + CUDA_BACKENDS}
 # --backends takes these groups (or single names)
 GROUPS = {
     "numpy": ["numpy"],
-    "torch-cpu": ["torch-cpu-fused", "torch-cpu-custom"],
+    "torch-cpu": ["torch-cpu-fused", "torch-cpu-custom", "torch-cpu-bf16"],
     "torch-cuda": [s.name for s in CUDA_BACKENDS if s.family == "torch"],
-    "hf": ["hf-cpu", "hf-cuda-fp32", "hf-cuda-bf16"],
+    "hf": [s.name for s in CPU_BACKENDS + CUDA_BACKENDS if s.family == "hf"],
 }
 
 
@@ -78,6 +92,10 @@ def unavailable_reason(spec: BackendSpec) -> str | None:
         if spec.device == "cuda" and not torch.cuda.is_available():
             return ("no CUDA GPU here (this torch is built without CUDA)" if torch.version.cuda is None
                     else "no CUDA GPU visible to torch")
+    if spec.device == "cpu" and spec.precision != "fp32":
+        reason = low_precision_support(cpu_flags())[spec.precision]
+        if reason:
+            return reason
     if spec.family == "hf":
         try:
             import transformers  # noqa: F401
@@ -117,20 +135,29 @@ class BenchModel:
 
     @contextlib.contextmanager
     def numerics(self):
-        """TF32 on or off for this backend's matmuls, and autocast for Hugging Face's bf16."""
+        """TF32 on or off for this backend's matmuls, and autocast for Hugging Face's bf16 (the engine's own
+        autocast is the model's ``autocast_dtype``)."""
         if self.spec.family == "numpy":
             yield
             return
         torch = self.torch
         previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.spec.precision == "tf32"
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.spec.family == "hf"
+        autocast = (torch.autocast(self.spec.device, dtype=torch.bfloat16) if self.spec.family == "hf"
                     and self.spec.precision == "bf16" else contextlib.nullcontext())
         try:
             with autocast:
                 yield
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+    def compiled_only(self) -> contextlib.AbstractContextManager:
+        """For a ``-compile`` backend, a context in which a call that would compile again (a new shape, a guard
+        that failed, or the recompile limit that would send it to eager) raises instead: a timed call inside it
+        ran the compiled graph. A no-op for the others."""
+        if not self.spec.compile:
+            return contextlib.nullcontext()
+        return self.torch.compiler.set_stance("fail_on_recompile")
 
     def inputs(self, *arrays: np.ndarray) -> tuple:
         """Host arrays -> what this backend's calls take (device tensors), prepared outside any timing."""

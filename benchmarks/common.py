@@ -2,7 +2,9 @@
 
 FLOPs are 2*M*N*K over every matrix product of the model (the block projections, attention's full T x T
 products with the masked half included, the LM head); a train step counts 3x the forward (the backward's two
-products per forward product). Decoding is memory-bound, so its figure is bytes of weights read per token.
+products per forward product). Decoding is memory-bound, so its figure is the bytes one step must read: every
+weight once, and every layer's cached keys and values (at batch 32 and context 1000 the cache is ~5x the 124M
+weights).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 
 from mapper.config import GPT2Config
+from mapper.host import cpu_model
 from numpy_gpt2.runtime import keep_freed_memory
 
 __all__ = [
     "HeapPeak",
+    "decode_bytes",
     "decode_weight_bytes",
+    "default_threads",
     "forward_flops",
     "keep_freed_memory",
     "machine",
@@ -50,6 +55,20 @@ def decode_weight_bytes(config: GPT2Config, itemsize: int = 4) -> int:
     from mapper.schema import count_params
 
     return (count_params(config) - config.n_positions * config.n_embd) * itemsize
+
+
+def decode_bytes(config: GPT2Config, B: int, context: float, itemsize: int = 4) -> float:
+    """Bytes one decoding step of B rows at ``context`` cached positions reads: the weights, and the keys and
+    values of every layer, 2 * L * B * context * C entries (``itemsize`` bytes each, as the weights)."""
+    return decode_weight_bytes(config, itemsize) + 2 * config.n_layer * B * context * config.n_embd * itemsize
+
+
+def default_threads() -> int:
+    """The bench's thread count when none is given: every CPU this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -136,6 +155,14 @@ def _first_line(path: str, prefix: str) -> str | None:
         return None
 
 
+def blas_libraries() -> list[dict[str, object]]:
+    """The BLAS libraries loaded in this process (threadpoolctl): which, which version, which kernels, threads."""
+    from threadpoolctl import threadpool_info
+
+    return [{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
+            for lib in threadpool_info() if lib.get("user_api") == "blas"]
+
+
 def machine() -> dict[str, object]:
     """What the figures were measured on: CPU and GPU model, cores, memory, library versions, BLAS kernels."""
     import numpy as np
@@ -143,20 +170,24 @@ def machine() -> dict[str, object]:
     from numpy_gpt2.runtime import openblas_kernels
 
     info: dict[str, object] = {
-        "cpu": _first_line("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(int((_first_line("/proc/meminfo", "MemTotal") or "0 kB").split()[0]) / 2**20, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "openblas": openblas_kernels(),
+        "blas": blas_libraries(),
         "gpu": None,
     }
     try:
         import torch
 
+        from torch_gpt2.onednn import preferred_linear
+
         info["torch"] = torch.__version__
         info["torch_cuda"] = torch.version.cuda
+        info["torch_cpu_linear"] = preferred_linear().describe()
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),

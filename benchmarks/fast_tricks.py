@@ -32,7 +32,7 @@ def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) ->
     return statistics.median(ta), statistics.median(tb)
 
 
-def op_pair(module, forward: str, backward: str, args: tuple, dy: np.ndarray | None, **kw) -> Callable[[], object]:
+def op_pair(module, forward: str, backward: str, args: tuple, dy: object | None, **kw) -> Callable[[], object]:
     """One forward of ``module``'s op and, when ``dy`` is given, its backward."""
 
     def run() -> object:
@@ -40,6 +40,41 @@ def op_pair(module, forward: str, backward: str, args: tuple, dy: np.ndarray | N
         return y if dy is None else getattr(module, backward)(dy, cache)
 
     return run
+
+
+def tricks_of(config: GPT2Config, B: int, T: int, backward: bool, rng: np.random.Generator) -> dict:
+    """trick -> (calls per step, the baseline's op pair, the trick's op pair), on the arrays a step feeds them."""
+    C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size  # noqa: N806
+    f32 = np.float32
+
+    def arrays(*shapes: tuple[int, ...]) -> list[np.ndarray]:
+        return [rng.standard_normal(shape).astype(f32) for shape in shapes]
+
+    qkv, = arrays((B, T, 3 * C))
+    qkv *= 0.5
+    att_up, x, ln_up, fc, fc_up = arrays((B, T, C), (B, T, C), (B, T, C), (B, T, 4 * C), (B, T, 4 * C))
+    w, b = 1 + 0.1 * rng.standard_normal(C).astype(f32), 0.1 * rng.standard_normal(C).astype(f32)
+    up = (lambda a: a) if backward else (lambda a: None)
+    tricks = {
+        "attention in query blocks": (L, op_pair(ops, "attention_forward", "attention_backward", (qkv, NH), up(att_up)),
+                                      op_pair(fast, "attention_forward", "attention_backward", (qkv, NH),
+                                              up(att_up), threads=1)),
+        "attention softmax on all cores": (
+            L, op_pair(fast, "attention_forward", "attention_backward", (qkv, NH), up(att_up), threads=1),
+            op_pair(fast, "attention_forward", "attention_backward", (qkv, NH), up(att_up))),
+        "GELU on all cores": (L, op_pair(ops, "gelu_forward", "gelu_backward", (fc,), up(fc_up)),
+                              op_pair(fast, "gelu_forward", "gelu_backward", (fc,), up(fc_up))),
+        "LayerNorm on all cores": (2 * L + 1, op_pair(ops, "layernorm_forward", "layernorm_backward", (x, w, b),
+                                                      up(ln_up)),
+                                   op_pair(fast, "layernorm_forward", "layernorm_backward", (x, w, b), up(ln_up))),
+    }
+    if backward:  # the loss is a training step's
+        logits = (2 * rng.standard_normal((B, T, V))).astype(f32)
+        targets = rng.integers(0, V, (B, T))
+        tricks["cross-entropy on all cores"] = (
+            1, op_pair(ops, "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", (logits, targets), 1.0),
+            op_pair(fast, "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", (logits, targets), 1.0))
+    return tricks
 
 
 def time_adamw(params: dict[str, np.ndarray], repeats: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -54,10 +89,9 @@ def time_adamw(params: dict[str, np.ndarray], repeats: int, rng: np.random.Gener
 
 def run(preset: str, repeats: int) -> dict:
     config = GPT2Config.from_preset(preset)
-    C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size  # noqa: N806
+    V = config.vocab_size  # noqa: N806
     rng = np.random.default_rng(0)
     params = init_params(config, seed=0, dtype=np.float32)
-    f32 = np.float32
 
     # whole workloads on the fast path, to express each gain as a share of them
     tokens = rng.integers(0, V, (1, min(1024, config.n_positions)))
@@ -72,12 +106,9 @@ def run(preset: str, repeats: int) -> dict:
     for name, (work, (B, T), backward) in workloads.items():
         work()
         whole = statistics.median([timed(work) for _ in range(max(3, repeats // 3))])
-        qkv = (0.5 * rng.standard_normal((B, T, 3 * C))).astype(f32)
-        up_att = rng.standard_normal((B, T, C)).astype(f32) if backward else None
-        tricks = {"attention in query blocks": (L, "attention_forward", "attention_backward", (qkv, NH), up_att)}
         rows = {"whole_step_fast_s": whole}
-        for trick, (calls, fwd, bwd, args, dy) in tricks.items():
-            spec_s, fast_s = alternate(op_pair(ops, fwd, bwd, args, dy), op_pair(fast, fwd, bwd, args, dy), repeats)
+        for trick, (calls, baseline, faster) in tricks_of(config, B, T, backward, rng).items():
+            spec_s, fast_s = alternate(baseline, faster, repeats)
             rows[trick] = {"spec_s": calls * spec_s, "fast_s": calls * fast_s,
                            "gain": calls * (spec_s - fast_s) / whole}
         if backward:
@@ -96,3 +127,14 @@ def measure(preset: str, repeats: int) -> list[dict]:
             rows.append({"size": preset, "workload": "tricks", "backend": trick, "step": workload,
                          "whole_step_fast_s": whole, **r})
     return rows
+
+
+if __name__ == "__main__":  # python -m benchmarks.fast_tricks [REPEATS]: the table alone, without gpt2 bench
+    import sys
+
+    from numpy_gpt2.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    for r in measure("gpt2", int(sys.argv[1]) if len(sys.argv) > 1 else 7):
+        print(f"{r['step']:<20} {r['backend']:<32} spec {1e3 * r['spec_s']:7.1f} ms  fast {1e3 * r['fast_s']:7.1f} ms"
+              f"  {100 * r['gain']:5.1f}% of the step ({1e3 * r['whole_step_fast_s']:.0f} ms)")

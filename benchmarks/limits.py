@@ -7,11 +7,15 @@ CPU, float32, the 1024x768 @ 768x3072 product of GPT-2 124M's MLP at T=1024, by 
   forced where the CPU has them;
 * torch's oneDNN (``torch.ops.mkldnn._linear_pointwise``) and torch's default ``F.linear`` (MKL).
 
-The **machine limit** is the best rate any of them reached; every result is reported as a fraction of it.
+The **machine limit** is the best rate any of them reached; every float32 result is reported as a fraction of
+it. Where the CPU multiplies bf16 (AVX512-BF16, AMX-BF16) or fp16 (AVX512-FP16, AMX-FP16) natively, torch's
+``F.linear`` is also timed in that type, the limit bf16 rows are set against (on an AMX Xeon bf16 ran at 7x
+float32); elsewhere it is skipped with the reason (torch would only time an emulation).
 Memory read bandwidth: the sum of a 1 GiB array by torch (all pinned threads) and by NumPy (one thread); the
 larger is the limit a decoding step (which reads every weight once) is compared with.
 
-GPU (when present): bf16, TF32 and float32 products of 8192^3, and the bandwidth of a 2 GiB device copy.
+GPU (when present): bf16, TF32 and float32 products of 8192^3 and the bandwidth of a 2 GiB device copy, each
+after >= 0.2 s of warm-up (the clocks ramp up under load) and timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -25,21 +29,19 @@ import time
 
 import numpy as np
 
+from mapper.host import cpu_flags, low_precision_support
+
 M, K, N = 1024, 768, 3072
 MATMUL_FLOPS = 2 * M * K * N
 
 
-def _rate(fn, flops: int, reps: int, sync=None) -> float:
-    """FLOP/s (or bytes/s) of ``fn`` from the median of ``reps`` timed calls after one warm-up."""
+def _rate(fn, flops: int, reps: int) -> float:
+    """FLOP/s (or bytes/s) of ``fn`` from the median of ``reps`` timed calls after one warm-up (CPU)."""
     fn()
     times = []
     for _ in range(reps):
-        if sync:
-            sync()
         start = time.perf_counter()
         fn()
-        if sync:
-            sync()
         times.append(time.perf_counter() - start)
     return flops / statistics.median(times)
 
@@ -69,9 +71,28 @@ def torch_matmul_gflops(reps: int = 7) -> dict[str, float]:
     return rates
 
 
+def torch_low_precision_gflops(reps: int = 7) -> tuple[dict[str, float], dict[str, str]]:
+    """torch's ``F.linear`` on the same product in bf16 and fp16, for each type the CPU multiplies natively:
+    ({type: GFLOP/s}, {type: why it was skipped})."""
+    import torch
+    import torch.nn.functional as F
+
+    rates, skipped = {}, {}
+    for name, reason in low_precision_support(cpu_flags()).items():
+        if reason:
+            skipped[name] = reason
+            continue
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(M, K, generator=gen).to(dtype), torch.randn(N, K, generator=gen).to(dtype)
+        with torch.no_grad():
+            rates[name] = _rate(lambda x=x, w=w: F.linear(x, w), MATMUL_FLOPS, reps) / 1e9
+    return rates, skipped
+
+
 def numpy_kernel_rates(threads: int) -> dict[str, dict[str, object]]:
     """NumPy's matmul rate under each OpenBLAS kernel choice, each measured in a fresh process."""
-    from numpy_gpt2.runtime import AVX512_FLAGS, CORETYPE_ENV, SELECTED_ENV, cpu_flags
+    from numpy_gpt2.runtime import AVX512_FLAGS, CORETYPE_ENV, SELECTED_ENV
 
     choices: dict[str, dict[str, str | None]] = {"OpenBLAS's own choice": {CORETYPE_ENV: None, SELECTED_ENV: None}}
     if AVX512_FLAGS <= cpu_flags():
@@ -114,15 +135,37 @@ def cpu_limits(threads: int, reps: int = 7) -> dict[str, object]:
     for label, result in numpy_kernel_rates(threads).items():
         matmul[f"numpy, {label} ({result['core']})"] = result["gflops"]
     matmul.update(torch_matmul_gflops(reps))
+    low, low_skipped = torch_low_precision_gflops(reps)
     time.sleep(0.3)  # torch's OpenMP threads spin a while after a parallel op; let them settle
     bandwidth = memory_read_gbs()
     return {
         "matmul_gflops": matmul,
         "best_matmul_gflops": max(matmul.values()),
         "best_matmul_kernel": max(matmul, key=matmul.get),
+        "low_precision_matmul_gflops": low,
+        "low_precision_skipped": low_skipped,
         "memory_read_gbs": bandwidth,
         "memory_gbs": max(bandwidth.values()),
     }
+
+
+def cuda_rate(fn, work: float, reps: int = 10, warmup_s: float = 0.2) -> float:
+    """``work`` per second of ``fn`` on the current CUDA device: calls until ``warmup_s`` seconds have passed (the
+    GPU's clocks ramp up under load), then the median of ``reps`` calls each timed by a pair of CUDA events."""
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        fn()
+        torch.cuda.synchronize()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for begin, end in pairs:
+        begin.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return work / (statistics.median(begin.elapsed_time(end) for begin, end in pairs) / 1e3)
 
 
 def gpu_limits(reps: int = 10) -> dict[str, object]:
@@ -130,7 +173,6 @@ def gpu_limits(reps: int = 10) -> dict[str, object]:
     import torch
 
     n = 8192
-    sync = torch.cuda.synchronize
     out: dict[str, object] = {"matmul_tflops": {}}
     for label, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
                                ("fp32", torch.float32, False)):
@@ -139,14 +181,14 @@ def gpu_limits(reps: int = 10) -> dict[str, object]:
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            out["matmul_tflops"][label] = _rate(lambda a=a, b=b: a @ b, 2 * n**3, reps, sync) / 1e12
+            out["matmul_tflops"][label] = cuda_rate(lambda a=a, b=b: a @ b, 2 * n**3, reps) / 1e12
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
         del a, b
     src = torch.empty(2**29, device="cuda", dtype=torch.float32)  # 2 GiB
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * 4  # read + write
-    out["memory_gbs"] = _rate(lambda s=src, d=dst: d.copy_(s), copy_bytes, reps, sync) / 1e9
+    out["memory_gbs"] = cuda_rate(lambda s=src, d=dst: d.copy_(s), copy_bytes, reps) / 1e9
     del src, dst
     torch.cuda.empty_cache()
     return out

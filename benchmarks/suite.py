@@ -6,8 +6,12 @@ CPU a 0.2 s pause separates calls of different libraries (torch's OpenMP threads
 spin for a while after a parallel op and would slow the other). Each backend makes two untimed calls first: a
 warm-up, then one that measures its peak memory in steady state (optimizer state already allocated).
 Reported: median, min and max seconds; GFLOP/s and the fraction of the machine's best matmul rate measured
-beside the point (forward, train); ms per token, tokens/s and the weights' read rate against the measured
-memory bandwidth (decode); the time ratio against Hugging Face on the same device.
+beside the point (forward, train; bf16 rows against the bf16 rate); ms per token, tokens/s and the bytes a
+step must read (the weights and the KV cache) against the measured memory bandwidth (decode); the time ratio
+against Hugging Face on the same device at the same precision. ``-compile`` rows are timed under
+``torch.compiler.set_stance("fail_on_recompile")``, so each timed call ran the compiled graph (a call that
+would compile again, or fall back to eager, raises and stops the bench); they have no decode rows, since
+decoding runs eager.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from benchmarks import limits
 from benchmarks.backends import ALL_BACKENDS, GROUPS, BackendSpec, BenchModel, unavailable_reason
 from benchmarks.common import (
     HeapPeak,
-    decode_weight_bytes,
+    decode_bytes,
+    default_threads,
     forward_flops,
     machine,
     pin_threads,
@@ -33,6 +38,7 @@ from benchmarks.common import (
     timed,
     train_step_flops,
 )
+from mapper.atomic import atomic_write
 from mapper.config import PRESETS, GPT2Config
 from mapper.schema import count_params, init_params
 
@@ -42,6 +48,8 @@ EXTRA_WORKLOADS = {  # opt-in with --workloads
     "tricks": "what each speed trick of numpy_gpt2/fast.py buys, op by op (GPT-2 124M shape)",
 }
 DEFAULT_BACKENDS = ("numpy", "torch-cpu", "torch-cuda", "hf")
+COMPILED_DECODE_REASON = ("decode: torch.compile covers the full-sequence forward and decoding runs eager, so a "
+                          "-compile decode row would repeat the eager one")
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,13 @@ class Settings:
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     sizes: tuple[str, ...] = ("gpt2",)
     workloads: tuple[str, ...] = WORKLOADS
-    threads: int = 2
+    threads: int = field(default_factory=default_threads)
     repeats: int | None = None
     seed: int = 0
     config: str | None = None  # a GPT2Config.from_spec string: measure this shape (named "custom") instead of sizes
+    # (workload, B, T) to measure on every device, in this order, instead of the plan (scripts/gpu-check's)
+    points: tuple[tuple[str, int, int], ...] | None = None
+    deadline: float | None = None  # time.time() after which no new point starts (the rest are skipped, named)
 
     def model_config(self, size: str) -> GPT2Config:
         return GPT2Config.from_spec(None, self.config) if size == "custom" else GPT2Config.from_preset(size)
@@ -113,6 +124,13 @@ def plan(settings: Settings, size: str, device: str) -> list[Point]:
     config = settings.model_config(size)
     P, q = config.n_positions, settings.quick
     points: list[Point] = []
+    if settings.points is not None:
+        new_tokens = min(16 if q else 32, P // 2)
+        for workload, B, T in settings.points:
+            if workload in settings.workloads:
+                T = max(min(T, P), new_tokens + 2) if workload == "decode" else min(T, P)
+                points.append(Point(size, workload, device, B, T, new_tokens if workload == "decode" else 0))
+        return list(dict.fromkeys(points))
     if device == "cpu":
         forward = [(1, t) for t in ((64, 256, 1024) if q else (64, 128, 256, 512, 1024))]
         forward += [] if q else [(b, 256) for b in (2, 4, 8)]
@@ -164,7 +182,11 @@ class Runner:
         self.progress = progress or (lambda n: None)
         self.heap = HeapPeak()
 
-    def run_point(self, point: Point, backends: list[BenchModel], cpu_limit_scale: float) -> list[dict]:
+    def run_point(self, point: Point, backends: list[BenchModel], probe_scale: float) -> list[dict]:
+        if point.workload == "decode":
+            backends = [b for b in backends if not b.spec.compile]  # decoding runs eager: an eager duplicate
+        if not backends:
+            return []
         config = backends[0].config
         rng = np.random.default_rng(self.settings.seed)
         if point.workload == "decode":
@@ -181,6 +203,7 @@ class Runner:
             calls[backend.spec.name] = fn
             self.progress(1)
         limit_before = limits.quick_cpu_limit() if point.device == "cpu" else None
+        by_name = {backend.spec.name: backend for backend in backends}
         times: dict[str, list[float]] = {name: [] for name in calls}
         names = list(calls)
         previous_family = None
@@ -190,12 +213,14 @@ class Runner:
                 family = ALL_BACKENDS[name].family == "numpy"  # OpenBLAS's threads, or torch's OpenMP threads
                 if point.device == "cpu" and previous_family not in (None, family):
                     time.sleep(0.2)  # let the other library's spinning threads go idle
-                times[name].append(calls[name]())
+                with by_name[name].compiled_only():
+                    times[name].append(calls[name]())
                 previous_family = family
                 self.progress(1)
         limit_after = limits.quick_cpu_limit() if point.device == "cpu" else None
-        cpu_limit = None if limit_before is None else cpu_limit_scale * (limit_before + limit_after) / 2
-        return [self._row(point, config, name, times[name], memory[name], cpu_limit) for name in names]
+        # how far this minute's matmul rate is from the run's limits, measured once at the start
+        drift = None if limit_before is None else probe_scale * (limit_before + limit_after) / 2
+        return [self._row(point, config, name, times[name], memory[name], drift) for name in names]
 
 
     def _workload(self, backend: BenchModel, point: Point, data: np.ndarray) -> Callable[[], float]:
@@ -210,38 +235,56 @@ class Runner:
         return lambda: decode(point.new_tokens)  # seconds per cached one-token step, the prefill untimed
 
     def _peak_memory(self, backend: BenchModel, fn: Callable[[], float]) -> float | None:
-        """One untimed call; returns its peak memory in MiB (CPU: C-heap peak above the start; CUDA: allocated)."""
+        """One untimed call; returns its peak memory in MiB above what was allocated before it (CPU: the C heap;
+        CUDA: torch's allocator, so the other resident models and this one's weights do not count)."""
         if backend.spec.device == "cuda":
             torch = backend.torch
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             fn()
-            return torch.cuda.max_memory_allocated() / 2**20
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
         with self.heap.watch() as watched:
             fn()
         return (watched.peak - watched.start) / 2**20 if watched.available else None
 
     def _row(self, point: Point, config: GPT2Config, name: str, seconds: list[float], memory_mib: float | None,
-             cpu_limit: float | None) -> dict:
+             drift: float | None) -> dict:
         spec = ALL_BACKENDS[name]
         row = {**asdict(point), "backend": name, "seconds": summary(seconds), "peak_memory_mib": memory_mib}
+        if spec.compile:
+            row["ran_compiled"] = True  # every timed call ran under set_stance("fail_on_recompile")
         median = row["seconds"]["median"]
         if point.workload in ("forward", "train"):
             flops = (forward_flops if point.workload == "forward" else train_step_flops)(config, point.B, point.T)
             row["gflops"] = flops / median / 1e9
-            limit = cpu_limit if point.device == "cpu" else self.gpu_matmul_tflops(spec) * 1e3
+            limit = self.matmul_limit_gflops(spec, drift)
             row["limit_gflops"] = limit
             row["fraction_of_limit"] = row["gflops"] / limit if limit else None
         else:
+            # the timed steps attend over T - new_tokens .. T - 1 cached positions: each reads their mean
+            context = point.T - (point.new_tokens + 1) / 2
+            step_bytes = decode_bytes(config, point.B, context, spec.decode_itemsize)
             row["ms_per_token"] = 1e3 * median
             row["tokens_per_s"] = point.B / median
-            row["weight_gbs"] = decode_weight_bytes(config) / median / 1e9
+            row["bytes_per_step"] = step_bytes
+            row["read_gbs"] = step_bytes / median / 1e9
             bandwidth = self.limits.get(point.device, {}).get("memory_gbs")
-            row["fraction_of_bandwidth"] = row["weight_gbs"] / bandwidth if bandwidth else None
+            row["fraction_of_bandwidth"] = row["read_gbs"] / bandwidth if bandwidth else None
         return row
 
-    def gpu_matmul_tflops(self, spec: BackendSpec) -> float | None:
-        gpu = self.limits.get("cuda")
-        return None if gpu is None else gpu["matmul_tflops"][spec.precision]
+    def matmul_limit_gflops(self, spec: BackendSpec, drift: float | None) -> float | None:
+        """The matmul rate a row is set against: its device's best rate at its precision (on the CPU scaled by
+        ``drift``, this point's probe against the run's start)."""
+        if spec.device == "cuda":
+            gpu = self.limits.get("cuda")
+            return None if gpu is None else 1e3 * gpu["matmul_tflops"][spec.precision]
+        cpu = self.limits.get("cpu")
+        if cpu is None or drift is None:
+            return None
+        best = cpu["best_matmul_gflops"] if spec.precision == "fp32" else (
+            cpu["low_precision_matmul_gflops"].get(spec.precision))
+        return None if best is None else best * drift
 
 
 def add_hf_ratios(rows: list[dict]) -> None:
@@ -252,45 +295,58 @@ def add_hf_ratios(rows: list[dict]) -> None:
         by_point.setdefault(tuple(row[k] for k in key), {})[row["backend"]] = row
     for group in by_point.values():
         for row in group.values():
-            spec = ALL_BACKENDS[row["backend"]]
-            reference = group.get("hf-cpu") if spec.device == "cpu" else (
-                group.get("hf-cuda-bf16") if spec.precision == "bf16" else group.get("hf-cuda-fp32"))
+            reference = group.get(ALL_BACKENDS[row["backend"]].hf_reference)
             if reference is not None and reference is not row:
                 row["speedup_vs_hf"] = reference["seconds"]["median"] / row["seconds"]["median"]
 
 
 def evaluate_goals(rows: list[dict]) -> list[dict]:
-    """The issue's goals, where their points were measured: (goal, backend, value, target, met)."""
+    """The issues' goals, where their points were measured: (goal, value, target, met). Float32 CPU rows against the
+    best float32 matmul rate; the GPU's bf16 + compile train step against the bf16 rate (its MFU)."""
     goals = []
 
     def find(**match) -> list[dict]:
         return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
-    for row in find(size="gpt2", workload="forward", device="cpu", B=1, T=1024):
-        if row["backend"] != "hf-cpu":
-            goals.append(goal(f"forward B=1 T=1024, {row['backend']}", row["fraction_of_limit"], 0.75, "of limit"))
+    def fp32_engines(rows_: list[dict]) -> list[dict]:
+        return [r for r in rows_ if ALL_BACKENDS[r["backend"]].family != "hf"
+                and ALL_BACKENDS[r["backend"]].precision == "fp32"]
+
+    for workload, B, T, target in (("forward", 1, 1024, 0.75), ("train", 4, 64, 0.60)):
+        what = "forward B=1 T=1024" if workload == "forward" else "train step B=4 T=64"
+        for row in fp32_engines(find(size="gpt2", workload=workload, device="cpu", B=B, T=T)):
+            goals.append(goal(f"{what}, {row['backend']}", row["fraction_of_limit"], target, "of limit"))
             if "speedup_vs_hf" in row:
-                goals.append(goal(f"forward B=1 T=1024, {row['backend']} vs HF", row["speedup_vs_hf"], 1.0, "x HF"))
-    for row in find(size="gpt2", workload="train", device="cpu", B=4, T=64):
-        if row["backend"] != "hf-cpu":
-            goals.append(goal(f"train step B=4 T=64, {row['backend']}", row["fraction_of_limit"], 0.60, "of limit"))
-            if "speedup_vs_hf" in row:
-                goals.append(goal(f"train step B=4 T=64, {row['backend']} vs HF", row["speedup_vs_hf"], 1.0, "x HF"))
-    for row in find(size="gpt2", workload="decode", device="cpu", B=1, T=128):
-        if row["backend"].startswith("torch"):
-            goals.append(goal(f"decode context 128, {row['backend']}: weights read vs bandwidth",
+                goals.append(goal(f"{what}, {row['backend']} vs HF", row["speedup_vs_hf"], 1.0, "x HF"))
+    decode = fp32_engines(find(size="gpt2", workload="decode", device="cpu", B=1))
+    for row in decode:
+        if row["T"] == 128:
+            goals.append(goal(f"decode context 128, {row['backend']}: bytes read vs bandwidth",
                               row["fraction_of_bandwidth"], 0.70, "of bandwidth"))
-    for backend in {r["backend"] for r in find(size="gpt2", workload="decode", device="cpu", B=1)}:
+        if "speedup_vs_hf" in row:
+            goals.append(goal(f"decode context {row['T']}, {row['backend']} vs HF", row["speedup_vs_hf"], 1.0, "x HF"))
+    for backend in dict.fromkeys(r["backend"] for r in decode if r["backend"].startswith("torch")):
         at = {r["T"]: r["seconds"]["median"] for r in find(size="gpt2", workload="decode", B=1, backend=backend)}
-        if 64 in at and 1024 in at and backend.startswith("torch"):
+        if 64 in at and 1024 in at:
             goals.append(goal(f"decode ms/token context 1024 / 64, {backend}", at[1024] / at[64], 1.5, "ratio",
                               lower_is_better=True))
+    memory = {r["backend"]: r["peak_memory_mib"] for r in find(size="gpt2", workload="train", device="cpu", B=4, T=64)}
+    if memory.get("numpy") and memory.get("torch-cpu-fused"):
+        goals.append(goal("peak memory train step B=4 T=64, numpy / torch-cpu-fused",
+                          memory["numpy"] / memory["torch-cpu-fused"], 2.0, "ratio", lower_is_better=True))
     for row in find(size="gpt2", workload="train", device="cuda", B=16, T=1024, backend="torch-cuda-bf16-compile"):
-        goals.append(goal("train step B=16 T=1024, torch-cuda-bf16-compile", row["fraction_of_limit"], 0.50,
+        goals.append(goal("train step B=16 T=1024, torch-cuda-bf16-compile (MFU)", row["fraction_of_limit"], 0.50,
                           "of bf16 matmul"))
+    for row in find(size="gpt2", workload="decode", device="cuda", backend="torch-cuda-bf16"):
+        if row["B"] in (1, 32) and "speedup_vs_hf" in row:
+            goals.append(goal(f"decode B={row['B']} context {row['T']}, torch-cuda-bf16 vs HF", row["speedup_vs_hf"],
+                              1.0, "x HF"))
     for row in find(workload="load", backend="mapper.load_checkpoint"):
         goals.append(goal(f"peak memory loading {row['size']}, x file size", row["times_file_size"], row["goal"],
                           "ratio", lower_is_better=True))
+        for library in find(workload="load", size=row["size"], backend="safetensors.numpy.load_file"):
+            goals.append(goal(f"seconds loading {row['size']}, mapper / safetensors' load_file",
+                              row["seconds"] / library["seconds"], 1.0, "ratio", lower_is_better=True))
     return goals
 
 
@@ -321,6 +377,9 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
             report.skipped.append({"backend": spec.name, "reason": reason})
         else:
             present.append(spec)
+    if "decode" in settings.workloads:
+        report.skipped += [{"backend": spec.name, "workload": "decode", "reason": COMPILED_DECODE_REASON}
+                           for spec in present if spec.compile]
     for reason in dict.fromkeys(skip["reason"] for skip in report.skipped):
         log(f"skipped {', '.join(k['backend'] for k in report.skipped if k['reason'] == reason)}: {reason}")
     report.threads = pin_threads(settings.threads)
@@ -331,9 +390,9 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
         report.limits["cpu"] = limits.cpu_limits(settings.threads)
     if "cuda" in devices:
         report.limits["cuda"] = limits.gpu_limits()
-    cpu = report.limits.get("cpu")
-    # the per-point probe runs this process's kernels; scale it to the best kernel measured above
-    cpu_scale = 1.0 if cpu is None else cpu["best_matmul_gflops"] / limits.quick_cpu_limit()
+    # the per-point probe runs this process's kernels: a point's limits are the run's limits times the ratio of its
+    # probe to this first one
+    probe_scale = 1.0 / limits.quick_cpu_limit() if "cpu" in report.limits else 1.0
 
     work: list[tuple[str, str, list[BackendSpec], list[Point]]] = []
     for size, device in itertools.product(settings.size_names, devices):
@@ -349,7 +408,8 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
         points = plan(settings, size, device)
         if points:
             work.append((size, device, on_device, points))
-    total = sum(len(points) * len(on_device) * (1 + settings.n_repeats) for _, _, on_device, points in work)
+    total = sum(sum(1 for s in on_device if not (p.workload == "decode" and s.compile)) * (1 + settings.n_repeats)
+                for _, _, on_device, points in work for p in points)
     # (each backend's warm-up and memory calls count as one step of the bar)
     with tqdm(total=total, desc="gpt2 bench", unit="call", dynamic_ncols=True) as bar:
         runner = Runner(settings, report.limits, progress=bar.update)
@@ -359,8 +419,14 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
             bar.set_postfix_str(f"building {size} models on {device}")
             backends = [BenchModel(spec, config, params) for spec in on_device]
             for point in points:
+                if settings.deadline is not None and time.time() > settings.deadline:
+                    report.skipped.append({"point": point.label, "reason": "out of time (the run's budget)"})
+                    log(f"skipped {point.label}: out of time")
+                    continue
                 bar.set_postfix_str(point.label)
-                report.results += runner.run_point(point, backends, cpu_scale if device == "cpu" else 1.0)
+                report.results += runner.run_point(point, backends, probe_scale)
+                if out_dir is not None:  # so far: a run stopped from outside keeps what it measured
+                    write_results(report, out_dir)
             for backend in backends:
                 backend.release()
             del backends, params
@@ -380,12 +446,18 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
     add_hf_ratios(report.results)
     report.goals = evaluate_goals(report.results)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+        write_results(report, out_dir)
         from benchmarks.plots import write_plots
 
         write_plots(report, out_dir)
     return report
+
+
+def write_results(report: Report, out_dir: Path) -> None:
+    """``out_dir/results.json``, replaced whole (atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(asdict(report), indent=2, default=str) + "\n"
+    atomic_write(out_dir / "results.json", lambda f: f.write(text.encode()))
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -409,10 +481,14 @@ def render_markdown(report: Report) -> str:
     """The terminal's (and RESULTS.md's) tables: machine, limits, every point, memory, goals, what was skipped."""
     m, lines = report.machine, []
     blas = m.get("openblas", {})
+    libraries = ", ".join(f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')})"
+                          for lib in m.get("blas") or [])  # (runs before these were recorded lack them)
+    linear = f" (float32 CPU linear layers: {m['torch_cpu_linear']})" if m.get("torch_cpu_linear") else ""
     lines.append(f"**Machine:** {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, {m.get('memory_gib')} GiB"
                  + (f"; GPU {m['gpu']['name']} ({m['gpu']['memory_gib']} GiB)" if m.get("gpu") else "; no GPU")
                  + f". Python {m.get('python')}, numpy {m.get('numpy')} (OpenBLAS kernels: {blas.get('core')}, "
-                 f"chosen by {blas.get('chosen_by')}), torch {m.get('torch')}, transformers {m.get('transformers')}. "
+                 f"chosen by {blas.get('chosen_by')}{'; BLAS loaded: ' + libraries if libraries else ''}), torch "
+                 f"{m.get('torch')}{linear}, transformers {m.get('transformers')}. "
                  f"Threads: {report.threads}. Repeats: {Settings(**report.settings).n_repeats} per point, "
                  "backends alternating; medians.")
     cpu = report.limits.get("cpu")
@@ -420,6 +496,9 @@ def render_markdown(report: Report) -> str:
         lines += ["", "| CPU limit | measured |", "|---|---|"]
         lines += [f"| float32 matmul 1024x768 @ 768x3072, {k} | {v:.0f} GFLOP/s |"
                   for k, v in cpu["matmul_gflops"].items()]
+        lines += [f"| {k} matmul, same shape, torch F.linear | {v:.0f} GFLOP/s |"
+                  for k, v in cpu.get("low_precision_matmul_gflops", {}).items()]
+        lines += [f"| {k} matmul | skipped: {why} |" for k, why in cpu.get("low_precision_skipped", {}).items()]
         lines += [f"| memory read, {k} | {v:.1f} GB/s |" for k, v in cpu["memory_read_gbs"].items()]
         lines.append(f"| **limits used** | matmul {cpu['best_matmul_gflops']:.0f} GFLOP/s "
                      f"({cpu['best_matmul_kernel']}), memory {cpu['memory_gbs']:.1f} GB/s |")
@@ -430,7 +509,8 @@ def render_markdown(report: Report) -> str:
         lines.append(f"| device copy bandwidth | {gpu['memory_gbs']:.0f} GB/s |")
     for workload, what in (("forward", "seconds per forward · % of the matmul limit · speed-up vs HF"),
                            ("train", "seconds per train step (fwd + bwd + AdamW) · % of the matmul limit · vs HF"),
-                           ("decode", "ms per token · weights read as % of memory bandwidth · vs HF")):
+                           ("decode", "ms per token · bytes read (weights + KV cache) as % of memory bandwidth · "
+                                      "vs HF")):
         rows = [r for r in report.results if r["workload"] == workload]
         if not rows:
             continue
@@ -478,7 +558,7 @@ def render_markdown(report: Report) -> str:
             lines.append(f"| {g['goal']} | {value} | {target} | {'yes' if g['met'] else 'NO'} |")
     by_reason: dict[str, list[str]] = {}
     for skip in report.skipped:
-        what = skip.get("backend") or f"{skip.get('size')} on {skip.get('device')}"
+        what = skip.get("backend") or skip.get("point") or f"{skip.get('size')} on {skip.get('device')}"
         by_reason.setdefault(skip["reason"], []).append(what)
     lines += [""] + [f"skipped {', '.join(whats)}: {reason}" for reason, whats in by_reason.items()]
     return "\n".join(lines)

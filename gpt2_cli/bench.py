@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2_cli.common import positive_int
+from gpt2_cli.common import non_negative_int, positive_int
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -18,6 +18,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from benchmarks.backends import ALL_BACKENDS, GROUPS
+    from benchmarks.common import default_threads
     from benchmarks.suite import DEFAULT_BACKENDS, EXTRA_WORKLOADS, WORKLOADS
     from mapper.config import PRESETS
 
@@ -43,12 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         + "; ".join(f"{k}: {v}" for k, v in EXTRA_WORKLOADS.items()))
     p.add_argument("--config", metavar="SPEC", default=None,
                    help="measure this shape instead of --sizes (e.g. 'n_layer=2,n_embd=64,n_head=4'; random init)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for NumPy's BLAS and torch (default 2)")
+    p.add_argument("--threads", type=positive_int, default=default_threads(),
+                   help="CPU threads for NumPy's BLAS and torch (default: every CPU this process may use, here "
+                   f"{default_threads()})")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed repeats per point after one warm-up (default 5; 3 with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the inputs (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and the inputs (default 0)")
     p.add_argument("--out", type=Path, default=Path("bench_results"), metavar="DIR",
                    help="where results.json and the plots go (default ./bench_results)")
+    p.add_argument("--force", action="store_true", help="replace the results and plots of an earlier run in --out")
     p.set_defaults(func=run)
 
 
@@ -59,9 +63,14 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"gpt2 bench needs {', '.join(missing)}: pip install 'gpt2-from-scratch[bench]' "
                          "(or bash scripts/setup in a checkout)")
+    from benchmarks.plots import PLOTS
     from benchmarks.suite import Settings, render_markdown
     from benchmarks.suite import run as run_suite
+    from mapper.outputs import Output, check_outputs
     from numpy_gpt2.runtime import CORETYPE_ENV, openblas_kernels
+
+    config_file = args.config if args.config and Path(args.config).is_file() else None
+    check_outputs([Output("--out", args.out, ("results.json", *PLOTS))], {"--config": config_file}, force=args.force)
 
     settings = Settings(quick=args.quick, backends=args.backends, sizes=args.sizes, workloads=args.workloads,
                         threads=args.threads, repeats=args.repeats, seed=args.seed, config=args.config)

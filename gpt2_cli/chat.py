@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2_cli.common import TokenStreams, load_tokenizer_for, positive_int
+from gpt2_cli.common import TokenStreams, load_tokenizer_for, non_negative_int, positive_int
 
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens whose "
                    "probabilities add up to p")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="seed of the sampler")
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
                    help="which implementation (default torch)")
     p.add_argument("--device", default=None, help="torch device (default: cuda > mps > cpu)")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
                        description="Print the predicted label and its probability for each text, read at the last "
-                       "token of the text (no padding is involved: one text at a time).")
+                       "token of the text (no padding is involved: one text at a time). A text longer than the "
+                       "model's context is cut to its first tokens, and a note says so.")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="the texts to classify")
     p.add_argument("--weights", required=True, metavar="DIR", help="a gpt2 finetune classify folder")
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which implementation")
@@ -31,10 +33,14 @@ def run(args: argparse.Namespace) -> int:
     names = _class_names(Path(args.weights), config.n_classes)
     encoder = load_tokenizer_for(args.tokenizer)
     backend = inference_backend(args.backend, config, params, device="cpu")
-    for text in args.texts:
-        ids = encoder.encode(text)[: config.n_positions]
+    for number, text in enumerate(args.texts, start=1):
+        ids = encoder.encode(text)
         if not ids:
             raise ValueError("an empty text cannot be classified")
+        if len(ids) > config.n_positions:
+            print(f"note: text {number} is {len(ids)} tokens long; the classifier reads its first {config.n_positions} "
+                  "(the model's context)", file=sys.stderr)
+            ids = ids[: config.n_positions]
         logits = backend.class_logits(Batch(np.array([ids]), lengths=np.array([len(ids)]), labels=np.zeros(1, int)))
         p = np.exp(logits[0] - logits[0].max())
         p /= p.sum()

@@ -1,9 +1,10 @@
-"""What several commands share: model arguments, loading a model, the tokenizer, argument checks."""
+"""What several commands share: the parser (one-line errors, one help formatter, the options a command line
+gave), model arguments, loading a model, the tokenizer, argument checks."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import math
 
 import numpy as np
 
@@ -18,9 +19,10 @@ def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: 
                    dropout: bool = False) -> None:
     """--weights / --preset / --config / --init (and --dropout for commands that train or compare training)."""
     if weights:
-        parser.add_argument("--weights", metavar="PATH",
-                            help="a checkpoint file or folder in any format `gpt2 convert` reads (HF safetensors or "
-                                 ".bin, OpenAI's TensorFlow checkpoint, this project's)")
+        parser.add_argument("--weights", metavar="PATH_OR_NAME",
+                            help="a checkpoint file or folder in any format `gpt2 convert` reads, or a model name: "
+                                 "gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name[@revision] (Hugging Face Hub), "
+                                 "openai:124M|355M|774M|1558M (OpenAI's files); fetched once, then from the cache")
     parser.add_argument("--preset", choices=list(PRESETS), help=f"a GPT-2 size, random init (default: {default_desc})")
     parser.add_argument("--config", metavar="SPEC",
                         help="a config JSON file (Hugging Face config.json or this project's fields), or overrides "
@@ -34,6 +36,53 @@ def add_model_args(parser: argparse.ArgumentParser, default_desc: str, weights: 
                             help="dropout probability while training, after the embeddings, on the attention "
                                  "weights and on both residual branches (default: 0.1 with --init course, else 0; "
                                  "a checkpoint's own pdrop fields are not used)")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every command's ``--help``: an option's default is shown once, and only where it is a value the option
+    takes: not on required options, on-off flags, options without a default, or help that states its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and not action.required and default is not None and default is not argparse.SUPPRESS
+                and not isinstance(default, bool) and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _RecordsGiven:
+    """Mixed into argparse's actions: an option the command line gives is added to ``namespace.given``, so that
+    ``--resume`` can tell a value the user chose from a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given = {*namespace.given, self.dest}
+
+
+_TRACKED_ACTIONS = {
+    name: type(f"Recorded{base.__name__}", (_RecordsGiven, base), {})
+    for name, base in (("store", argparse._StoreAction), ("store_true", argparse._StoreTrueAction),
+                       ("store_false", argparse._StoreFalseAction), ("store_const", argparse._StoreConstAction),
+                       ("append", argparse._AppendAction))
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``gpt2`` parser and (as argparse makes them with the parent's class) every command's: a bad argument is
+    one line, ``gpt2 CMD: error: ...`` (exit 2); help goes through :class:`HelpFormatter`; ``namespace.given``
+    holds the destinations of the options given on the command line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        for name, action in _TRACKED_ACTIONS.items():
+            self.register("action", name, action)
+        self.register("action", None, _TRACKED_ACTIONS["store"])
+        self.set_defaults(given=frozenset())
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -55,15 +104,40 @@ def probability(text: str) -> float:
 
 
 def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """argparse type: an integer >= 0 (a seed, a count)."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (refuses nan and inf)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.ndarray], device: str | None = None):
-    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train."""
+    """A backend of the loop's interface (losses, class logits, greedy decoding) that cannot train, computing in the
+    parameters' dtype."""
     if backend == "numpy":
         from numpy_gpt2.backend import NumpyBackend
 
@@ -71,7 +145,8 @@ def inference_backend(backend: str, config: GPT2Config, params: dict[str, np.nda
     from torch_gpt2 import resolve_device
     from torch_gpt2.backend import TorchBackend
 
-    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)))
+    dtype = str(next(iter(params.values())).dtype)
+    return TorchBackend.for_inference(config, params, device=str(resolve_device(device)), dtype=dtype)
 
 
 def load_tokenizer_for(flag_value: str | None):
@@ -84,11 +159,6 @@ def load_tokenizer_for(flag_value: str | None):
         if flag_value:
             raise TokenizerError(f"--tokenizer {flag_value}: {e}") from None
         raise TokenizerError(f"{e}; pass --tokenizer PATH") from None
-
-
-def same_path(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths name the same file or folder (after resolving links and '..')."""
-    return Path(a).resolve() == Path(b).resolve()
 
 
 class TokenStreams:

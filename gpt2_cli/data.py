@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2_cli.common import positive_int
+from gpt2_cli.common import non_negative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,22 +21,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created)")
     a.add_argument("--train", type=positive_int, default=6000, help="training problems (default 6000)")
     a.add_argument("--test", type=positive_int, default=500, help="test problems (default 500)")
-    a.add_argument("--seed", type=int, default=0, help="seeds the problems (default 0)")
+    a.add_argument("--seed", type=non_negative_int, default=0, help="seeds the problems (default 0)")
     a.add_argument("--force", action="store_true", help="replace existing train.jsonl / test.jsonl in OUT")
     a.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mapper.atomic import atomic_write
+    from mapper.outputs import Output, check_outputs
     from tasks.arithmetic import make_splits, to_jsonl
 
     out = Path(args.out)
     files = {name: out / f"{name}.jsonl" for name in ("train", "test")}
-    existing = [str(f) for f in files.values() if f.exists()]
-    if existing and not args.force:
-        raise ValueError(f"{', '.join(existing)} already exist; pass --force to replace them")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+    check_outputs([Output("--out", out, tuple(f.name for f in files.values()))], {}, force=args.force)
     train, test = make_splits(args.train, args.test, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     for name, problems in (("train", train), ("test", test)):

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_cli.common import positive_int
+from gpt2_cli.common import positive_float, positive_int
 from gpt2_cli.train import (
     add_run_args,
     backend_factory,
     check_args,
+    check_run_outputs,
     common_run_args,
     execute,
+    fill_from_saved_run,
     model_config,
     resolve_run_device,
 )
@@ -27,23 +29,23 @@ from mapper.training import distributed_world
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune: spam classifier, instruction following, reasoning",
                        description="The course's fine-tunes, each through the training loop of `gpt2 train` "
-                       "(same checkpoints, --resume, Ctrl-C, log.jsonl and loss.png).")
+                       "(same checkpoints, --resume, signals, the folder's lock, log.jsonl and loss.png).")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", help="classify, instruct or reason")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    c = tasks.add_parser("classify", formatter_class=fmt, help="a classifier head on the last non-padding token",
+    c = tasks.add_parser("classify", help="a classifier head on the last non-padding token",
                          description="Balance the classes, split 70/10/20 (seeded), pad with <|endoftext|> and "
                          "train a head score.weight (no bias, as Hugging Face's GPT2ForSequenceClassification) on "
                          "the hidden state of each row's last non-padding token. Writes DIR/metrics.json "
                          "(train/val/test accuracy, confusion matrix); DIR loads in transformers.")
-    c.add_argument("--data", required=True, metavar="FILE", help="label<TAB>text lines, or a CSV with text,label")
+    c.add_argument("--data", metavar="FILE", help="label<TAB>text lines, or a CSV with text,label (required, except "
+                   "with --resume)")
     add_run_args(c, batch_size=8, lr=5e-5, eval_every=50, what="rows", epochs=5)
     c.add_argument("--max-length", type=positive_int, default=None, help="pad/truncate rows to this many tokens "
                    "(default: the longest training text)")
     c.add_argument("--trainable", choices=["last-block", "all", "lora"], default="last-block",
                    help="what trains: the last block + final LayerNorm + head (the course), everything, or LoRA "
                    "adapters + head")
-    add_lora_args(c)
+    add_lora_args(c, head=True)
     c.set_defaults(func=run_classify)
 
     for name, help_text, desc in (
@@ -56,10 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
          "`#### N`), loss on the response only by default. Samples longer than the context keep their answer: the "
          "thinking is shortened, or the sample dropped (both counted). Validation: 10% of the samples, seeded."),
     ):
-        t = tasks.add_parser(name, formatter_class=fmt, help=help_text, description=desc)
-        t.add_argument("--data", required=True, metavar="FILE",
-                       help="instruction JSON (instruction, input, output)" if name == "instruct" else
-                       "AM-format or GSM8K JSON lines")
+        t = tasks.add_parser(name, help=help_text, description=desc)
+        t.add_argument("--data", metavar="FILE",
+                       help=("instruction JSON (instruction, input, output)" if name == "instruct" else
+                             "AM-format or GSM8K JSON lines") + " (required, except with --resume)")
         course = name == "instruct"  # the course's chapter 7: 2 epochs, an evaluation every 5 steps
         add_run_args(t, batch_size=8, lr=5e-5, eval_every=5 if course else 50, what="examples",
                      epochs=2 if course else None)
@@ -75,14 +77,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if name == "instruct":
             t.add_argument("--test-limit", type=positive_int, default=None,
                            help="generate only the first N test responses")
-        add_lora_args(t)
+        add_lora_args(t, head=False)
         t.set_defaults(func=run_instruct if name == "instruct" else run_reason)
 
 
-def add_lora_args(p: argparse.ArgumentParser) -> None:
+def add_lora_args(p: argparse.ArgumentParser, head: bool) -> None:
+    trained = "the adapters and the classifier's head" if head else "the adapters"
     p.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank r (enables LoRA; with "
-                   "--trainable lora only the adapters and the head train)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the update is (alpha / r) x A B")
+                   f"--trainable lora only {trained} train)")
+    p.add_argument("--lora-alpha", type=positive_float, default=16.0,
+                   help="LoRA alpha: the update is (alpha / r) x A B")
     p.add_argument("--lora-targets", default="attn", help="comma-separated: attn (c_attn, c_proj), mlp (c_fc, "
                    "c_proj)")
 
@@ -90,23 +94,27 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------- shared
 
 
-def _setup(args: argparse.Namespace, n_classes: int | None = None):
-    """Checks, device, config and initial params (with a fresh head and LoRA adapters where asked)."""
-    from mapper import init_params
-    from mapper.lora import LoraConfig, init_lora_params
-    from tasks.run_folder import check_out_dir
-
+def _begin(args: argparse.Namespace, writes: tuple[str, ...]) -> None:
+    """Before the data is read: --resume's saved arguments, the argument checks, and the run folder (``writes``:
+    the files the task adds beside the run's own)."""
+    fill_from_saved_run(args, data_is_list=False)
     check_args(args)
     if distributed_world()[1] > 1:
         raise ValueError("fine-tunes run in one process (torchrun is for gpt2 train)")
+    check_run_outputs(args, writes)
+
+
+def _setup(args: argparse.Namespace, n_classes: int | None = None):
+    """Device, config and initial params (with a fresh head and LoRA adapters where asked)."""
+    from mapper import init_params
+    from mapper.lora import LoraConfig, init_lora_params
+
     lora = None
     if args.lora_rank is not None:
         lora = LoraConfig(args.lora_rank, args.lora_alpha, tuple(t for t in args.lora_targets.split(",") if t))
     elif args.trainable == "lora":
         raise ValueError("--trainable lora needs --lora-rank")
     device = resolve_run_device(args)
-    out = Path(args.out)
-    check_out_dir(out, args.resume)
     config, params, init = model_config(args)
     if n_classes is not None:
         config = config.replace(n_classes=n_classes)
@@ -154,6 +162,10 @@ def _final_backend(args, config, lora, device):
     return backend_factory(args, device, lora=lora)(config, params)
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _write_json(path: Path, value) -> None:
     from mapper.atomic import atomic_write
 
@@ -172,8 +184,11 @@ def run_classify(args: argparse.Namespace) -> int:
     from tasks.order import in_order
     from tasks.plots import plot_classification
 
+    _begin(args, ("metrics.json", "classify.png"))
     encoder = load_tokenizer_for(args.tokenizer)
     prepared = prepare_classification(args.data, encoder, args.seed, args.max_length)
+    for warning in prepared.warnings:
+        print(f"gpt2 finetune classify: warning: {warning}", file=sys.stderr)
     config, params, init, lora, device = _setup(args, n_classes=len(prepared.class_names))
     if prepared.length > config.n_positions:
         raise ValueError(f"the longest training text is {prepared.length} tokens, above the model's "
@@ -186,8 +201,8 @@ def run_classify(args: argparse.Namespace) -> int:
     trainable = _trainable(args, config, lora)
     progress = execute("finetune classify", args, run_args, data, encoder, config, params,
                        backend_factory(args, device, trainable, lora), prepared.summary())
-    if progress is None:
-        return 0
+    if isinstance(progress, int):
+        return progress
     backend = _final_backend(args, config, lora, device)
     metrics: dict = {"class_names": prepared.class_names}
     for name, split in (("train", prepared.train), ("val", prepared.val), ("test", prepared.test)):
@@ -221,6 +236,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     from tasks.instruct import encode_examples, inference_prompt, read_instructions, split_instructions
     from tasks.loop import RunArgs
 
+    _begin(args, ("metrics.json", "test_responses.json"))
     entries = read_instructions(args.data)
     train_idx, val_idx, test_idx = split_instructions(len(entries), args.seed)
     encoder = load_tokenizer_for(args.tokenizer)
@@ -237,8 +253,8 @@ def run_instruct(args: argparse.Namespace) -> int:
                    f"than {limit} tokens truncated")
     progress = execute("finetune instruct", args, run_args, data, encoder, config, params,
                        backend_factory(args, device, _trainable(args, config, lora), lora), description)
-    if progress is None:
-        return 0
+    if isinstance(progress, int):
+        return progress
     backend = _final_backend(args, config, lora, device)
     test = [entries[i] for i in test_idx][: args.test_limit]
     records, rouge = instruction_responses(backend, test, encoder, args.max_new_tokens)
@@ -247,8 +263,8 @@ def run_instruct(args: argparse.Namespace) -> int:
     metrics = {"rouge_l": rouge, "val_loss": val_loss, "n_test": len(records), "steps": progress.step,
                "train_seconds": round(progress.elapsed, 1)}
     _write_json(Path(args.out) / "metrics.json", metrics)
-    print(f"ROUGE-L {metrics['rouge_l']:.4f} over {len(records)} test responses, validation loss {val_loss:.3f}; "
-          f"responses in {Path(args.out) / 'test_responses.json'}")
+    print(f"ROUGE-L {metrics['rouge_l']:.4f} over {len(records)} test responses, validation loss "
+          f"{_number(val_loss)}; responses in {Path(args.out) / 'test_responses.json'}")
     return 0
 
 
@@ -262,6 +278,7 @@ def run_reason(args: argparse.Namespace) -> int:
     from tasks.order import epoch_order
     from tasks.reason import fit_to_context, format_reason_prompt, read_reasoning
 
+    _begin(args, ("metrics.json",))
     examples = read_reasoning(args.data)
     if len(examples) < 2:
         raise ValueError(f"{args.data}: {len(examples)} usable sample(s); need at least 2 (train and validation)")
@@ -285,11 +302,12 @@ def run_reason(args: argparse.Namespace) -> int:
                    f"{limit})")
     progress = execute("finetune reason", args, run_args, data, encoder, config, params,
                        backend_factory(args, device, _trainable(args, config, lora), lora), description)
-    if progress is not None:
-        val_loss = progress.history[-1].get("val_loss") if progress.history else None
-        _write_json(Path(args.out) / "metrics.json", {"val_loss": val_loss, "steps": progress.step,
-                                                      "train_seconds": round(progress.elapsed, 1),
-                                                      "n_shortened": n_short, "n_dropped": n_dropped})
-        print(f"validation loss {val_loss:.3f}; evaluate with `gpt2 eval gsm8k --weights {args.out} --data "
-              "data/gsm8k/test.jsonl --limit 50`")
+    if isinstance(progress, int):
+        return progress
+    val_loss = progress.history[-1].get("val_loss") if progress.history else None
+    _write_json(Path(args.out) / "metrics.json", {"val_loss": val_loss, "steps": progress.step,
+                                                  "train_seconds": round(progress.elapsed, 1),
+                                                  "n_shortened": n_short, "n_dropped": n_dropped})
+    print(f"validation loss {_number(val_loss)}; evaluate with `gpt2 eval gsm8k --weights {args.out} --data "
+          "data/gsm8k/test.jsonl --limit 50`")
     return 0

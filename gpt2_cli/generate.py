@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, "gpt2 shape, untrained, if no --weights")
     p.add_argument("--backend", choices=["numpy", "torch"], default="torch",
                    help="which implementation (default torch)")
-    p.add_argument("--attention", choices=["custom", "fused"], default="fused",
-                   help="torch attention layout (default fused)")
+    p.add_argument("--attention", choices=["custom", "fused"], default=None,
+                   help="torch attention layout (default fused; the numpy backend has one)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda > mps > cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="arithmetic (default float32)")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -35,12 +35,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample only among the most likely tokens whose probabilities add up to p (0 < p <= 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler and of an untrained model's init")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help="seed of the sampler and of an untrained model's init")
     p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="gpt2.tiktoken, vocab.bpe/encoder.json, or a folder holding them (default: the copy shipped "
-                        "with this package, else $GPT2_TOKENIZER_PATH)")
+                   help="gpt2.tiktoken, vocab.bpe/encoder.json, or a folder holding them (default: "
+                        "$GPT2_TOKENIZER_PATH when set, else the copy shipped with this package)")
     p.set_defaults(func=run)
+
+
+def ignored_options(args: argparse.Namespace) -> list[str]:
+    """Options given that change nothing in this combination, each in words (never silently dropped)."""
+    lines = []
+    if args.temperature == 0:
+        ignored = [SAMPLING_FLAGS[k] for k in ("top_k", "top_p") if getattr(args, k) is not None]
+        if ignored:
+            lines.append(f"{' and '.join(ignored)} only shape sampling, and --temperature 0 decodes greedily: "
+                         "ignored (give --temperature > 0 to sample)")
+    if args.backend == "numpy":
+        ignored = [flag for flag, value in (("--attention", args.attention), ("--device", args.device)) if value]
+        if ignored:
+            lines.append(f"{' and '.join(ignored)} only shape the torch engine, and --backend numpy runs the spec: "
+                         "ignored")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     # every argument is checked before any model is built or loaded
     validate_sampling_args(args.temperature, args.top_k, args.top_p, SAMPLING_FLAGS)
+    for line in ignored_options(args):
+        print(f"note: {line}", file=sys.stderr)
     device = None
     if args.backend == "torch":
         import torch
@@ -80,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.weights:
         print(f"note: no --weights given, generating from an untrained model ({origin}): expect noise",
               file=sys.stderr)
-    steps = TokenStreams(args.backend, config, params, args.attention, device)(prompt, max_new, **sampling)
+    steps = TokenStreams(args.backend, config, params, args.attention or "fused", device)(prompt, max_new, **sampling)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     start, n = time.perf_counter(), 0

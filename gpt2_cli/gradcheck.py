@@ -7,7 +7,14 @@ import time
 
 import numpy as np
 
-from gpt2_cli.common import TINY_DEFAULT, add_model_args, non_negative_int, positive_int
+from gpt2_cli.common import (
+    TINY_DEFAULT,
+    add_model_args,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from mapper.config import GPT2Config
 from mapper.dropout import draw_dropout_masks
 from mapper.tokens import check_fits_context
@@ -28,9 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=positive_int, default=8, help="sequence length T (default 8)")
     p.add_argument("--entries", type=non_negative_int, default=6,
                    help="random entries checked per tensor, plus the largest (default 6); 0 = every entry")
-    p.add_argument("--tol", type=float, default=1e-6, help="max relative error allowed (default 1e-6)")
-    p.add_argument("--noise", type=float, default=0.3, help="std of the noise added to the init (default 0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init, the noise and the batch (default 0)")
+    p.add_argument("--tol", type=positive_float, default=1e-6, help="max relative error allowed (default 1e-6)")
+    p.add_argument("--noise", type=non_negative_float, default=0.3, help="std of the noise added to the init")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the init, the noise and the batch")
     p.set_defaults(func=run)
 
 

@@ -15,25 +15,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "weights and lora.safetensors) and write the merged model, which every loader here and transformers "
         "reads. (A LoRA run's DIR/model.safetensors is already this merge.)")
     m.add_argument("run", metavar="DIR", help="the LoRA run's folder, or a checkpoint folder with lora.safetensors")
-    m.add_argument("out", metavar="OUT", help="the folder to write (must not exist unless --force)")
-    m.add_argument("--force", action="store_true", help="replace an existing OUT")
+    m.add_argument("out", metavar="OUT", help="the folder to write (outside DIR; a model in it is replaced only "
+                   "with --force)")
+    m.add_argument("--force", action="store_true", help="replace the model files of an existing OUT")
     m.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mapper import load_checkpoint, load_lora_adapters, merge_lora, save_checkpoint
+    from mapper.outputs import Output, check_outputs
+    from mapper.save import CHECKPOINT_FILES
     from tasks.run_folder import CHECKPOINT, LORA_FILE
 
+    out = Path(args.out)
+    check_outputs([Output("OUT", out, CHECKPOINT_FILES)], {"DIR": args.run}, force=args.force)
     source = Path(args.run)
     if (source / CHECKPOINT / LORA_FILE).is_file():
         source = source / CHECKPOINT
     if not (source / LORA_FILE).is_file():
         raise ValueError(f"{args.run} holds no LoRA adapters ({LORA_FILE})")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to replace it")
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise ValueError("OUT must lie outside the run's checkpoint folder")
     config, base = load_checkpoint(source)
     lora, adapters = load_lora_adapters(source / LORA_FILE)
     merged = merge_lora({**base, **adapters}, lora)

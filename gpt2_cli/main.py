@@ -12,6 +12,7 @@ from gpt2_cli import (
     classify,
     convert,
     data,
+    download,
     evaluate,
     finetune,
     generate,
@@ -21,8 +22,10 @@ from gpt2_cli import (
     plot,
     train,
 )
+from gpt2_cli.common import Parser
 
-COMMANDS = (parity, generate, chat, convert, gradcheck, train, finetune, classify, evaluate, lora, plot, data, bench)
+COMMANDS = (parity, generate, chat, download, convert, gradcheck, train, finetune, classify, evaluate, lora, plot,
+            data, bench)
 
 
 def version() -> str:
@@ -33,10 +36,12 @@ def version() -> str:
 
 
 class VersionAction(argparse.Action):
-    """``--version``: the package's version and the kernels NumPy runs on (who chose them)."""
+    """``--version``: the package's version, the kernels NumPy runs on and those torch's CPU linear layers take
+    (who chose them; the latter measured on first use, see ``torch_gpt2.onednn``)."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and NumPy's BLAS kernels, then exit")
+        super().__init__(option_strings, dest, nargs=0,
+                         help="print the version and the CPU kernels NumPy and torch use, then exit")
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         import numpy as np
@@ -46,11 +51,23 @@ class VersionAction(argparse.Action):
         blas = openblas_kernels()
         print(f"gpt2 {version()}; numpy {np.__version__} on OpenBLAS's {blas['core']} kernels "
               f"(chosen by {blas['chosen_by']})")
+        try:
+            import torch
+        except ImportError:
+            print("torch: not installed")
+        else:
+            from torch_gpt2.onednn import preferred_linear
+
+            try:
+                choice = preferred_linear().describe()
+            except ValueError as e:  # a bad GPT2_ONEDNN_LINEAR
+                parser.exit(2, f"gpt2: error: {e}\n")
+            print(f"torch {torch.__version__}: float32 CPU linear layers on {choice}")
         parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2",
         description="GPT-2 from scratch: a hand-differentiated NumPy spec and a PyTorch engine that agree. "
         "Run `gpt2 COMMAND --help` for each command.",
@@ -82,3 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, as Unix tools do
         sys.stderr.close()
         return 141
+    except OSError as e:  # a full disk, a folder that turned read-only: what the system said, about which path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gpt2 {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from gpt2_cli.common import add_model_args, positive_int
+from gpt2_cli.common import add_model_args, non_negative_int, positive_int
 from mapper.dropout import DropoutMasks, draw_dropout_masks
 from mapper.models import resolve_model
 from mapper.parity import TOLERANCES, Comparison, ModelOutputs, compare_outputs
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: cuda > mps > cpu)")
     p.add_argument("--batch", type=positive_int, default=2, help="batch size (default 2)")
     p.add_argument("--seq", type=positive_int, default=64, help="sequence length (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batch (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the init and of the batch (default 0)")
     p.set_defaults(func=run)
 
 

@@ -7,7 +7,9 @@ from mapper.checkpoint import (
     load_checkpoint,
     load_lora_adapters,
     save_checkpoint,
+    save_llmc,
     save_lora_adapters,
+    save_pipeline_files,
 )
 from mapper.config import PRESETS, ConfigError, GPT2Config
 from mapper.lora import LoraConfig, init_lora_params, lora_param_shapes, merge_lora
@@ -32,6 +34,8 @@ __all__ = [
     "merge_lora",
     "param_shapes",
     "save_checkpoint",
+    "save_llmc",
     "save_lora_adapters",
+    "save_pipeline_files",
     "validate_params",
 ]

@@ -7,8 +7,16 @@ Read (``load_checkpoint``, a file or a directory; ``detect_format`` names what i
 * ``safetensors-sharded``: ``model.safetensors.index.json`` + the shards its ``weight_map`` names.
 * ``pytorch``: ``pytorch_model.bin`` (zip or legacy format), read with ``torch.load(weights_only=True)``.
 * ``openai-tf``: OpenAI's TensorFlow-1 checkpoint (``hparams.json``, ``checkpoint``, ``model.ckpt.*``).
+* ``pytorch`` also holds the peers' ``torch.save`` files, told apart by their content: nanoGPT's ``ckpt.pt`` (and
+  its bare state dicts), the course's ``GPTModel`` (``model.pth``, ``model_and_optimizer.pth``) and the seed
+  repository's OpenAI-compatible variant of it (``mapper/formats/nanogpt.py``, ``book.py``, ``seed.py``).
+* ``llmc``: llm.c's ``gpt2_124M.bin`` family (``mapper/formats/llmc.py``), recognised by its magic number.
 
-The config comes from ``config.json`` (or ``hparams.json``) beside the weights, else from the shapes.
+``path`` may also be a model name (``gpt2``, ``owner/name[@revision]``, ``openai:124M``, ...): ``mapper.download``
+fetches it, or finds it in its cache; a local path of that name wins.
+
+The config comes from ``config.json`` (Hugging Face's, or the course's config dict) or ``hparams.json`` beside the
+weights, else from the file itself (nanoGPT's ``model_args``, llm.c's header), else from the shapes.
 Every problem is a ``CheckpointError`` that names the file, the key and both shapes where they apply,
 raised before any parameter is returned: a checkpoint loads whole or not at all.
 
@@ -38,9 +46,13 @@ from pathlib import Path
 import numpy as np
 
 from mapper.atomic import atomic_write
-from mapper.config import PRESETS, QKV_BIAS_KEY, GPT2Config
+from mapper.config import COURSE_CONFIG_KEYS, PRESETS, QKV_BIAS_KEY, GPT2Config
+from mapper.download import locate_checkpoint
 from mapper.errors import CheckpointError, ConfigError, describe_key_mismatch
 from mapper.formats import openai_tf
+from mapper.formats.book import book_source, is_book_layout
+from mapper.formats.llmc import is_llmc_file, llmc_source
+from mapper.formats.nanogpt import is_linear_layout, is_nanogpt_checkpoint, nanogpt_config, nanogpt_source
 from mapper.formats.safetensors_file import (
     load_tensors,
     safetensors_metadata,
@@ -48,10 +60,19 @@ from mapper.formats.safetensors_file import (
     save_tensors,
     sharded_safetensors_source,
 )
+from mapper.formats.seed import is_seed_layout, seed_source
 from mapper.formats.stored import Stored
-from mapper.formats.torch_file import torch_source
+from mapper.formats.torch_file import load_torch, tensor_source
 from mapper.layouts import ATTENTION_LAYOUTS, from_module_state
-from mapper.save import HF_PREFIX, LAYOUT_KEY, load_lora_adapters, save_checkpoint, save_lora_adapters
+from mapper.save import (
+    HF_PREFIX,
+    LAYOUT_KEY,
+    load_lora_adapters,
+    save_checkpoint,
+    save_llmc,
+    save_lora_adapters,
+    save_pipeline_files,
+)
 from mapper.schema import param_shapes, validate_params
 
 __all__ = [
@@ -62,7 +83,9 @@ __all__ = [
     "load_lora_adapters",
     "load_tensors",
     "save_checkpoint",
+    "save_llmc",
     "save_lora_adapters",
+    "save_pipeline_files",
     "save_tensors",
 ]
 
@@ -74,50 +97,91 @@ _BUFFER_KEY = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 # ----- format detection -----
 
 
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format ``path`` holds: ``safetensors``, ``safetensors-sharded``, ``pytorch`` or ``openai-tf``.
+# A folder's weights, by file name, in the order a folder holding several is resolved (safetensors first: no pickle)
+_FOLDER_FILES = (
+    ("model.safetensors", "safetensors"),
+    ("model.safetensors.index.json", "safetensors-sharded"),
+    ("pytorch_model.bin", "pytorch"),
+    ("checkpoint", "openai-tf"),
+    ("model.ckpt.index", "openai-tf"),
+    ("ckpt.pt", "pytorch"),  # nanoGPT
+    ("model.pth", "pytorch"),  # the course
+    ("model_and_optimizer.pth", "pytorch"),
+)
 
-    ``path`` is a directory, a weights file, or an OpenAI checkpoint prefix (``.../model.ckpt``).
-    A directory holding several formats resolves in that order (safetensors first: it needs no pickle).
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format ``path`` holds: ``safetensors``, ``safetensors-sharded``, ``pytorch``, ``openai-tf`` or ``llmc``.
+
+    ``path`` is a directory, a weights file, or an OpenAI checkpoint prefix (``.../model.ckpt``). A directory holding
+    several formats resolves in ``_FOLDER_FILES`` order, then an llm.c ``.bin``. A file is known by its content
+    (a zip archive or a pickle is a ``torch.save`` file, llm.c's magic number an llm.c file) or its name.
     """
     p = Path(path)
     if p.is_dir():
-        for filename, fmt in (
-            ("model.safetensors", "safetensors"),
-            ("model.safetensors.index.json", "safetensors-sharded"),
-            ("pytorch_model.bin", "pytorch"),
-            ("checkpoint", "openai-tf"),
-            ("model.ckpt.index", "openai-tf"),
-        ):
+        for filename, fmt in _FOLDER_FILES:
             if (p / filename).is_file():
                 return fmt
+        if _llmc_file_in(p) is not None:
+            return "llmc"
         raise CheckpointError(
             f"directory {p} holds no GPT-2 checkpoint: expected model.safetensors, "
-            "model.safetensors.index.json, pytorch_model.bin, or an OpenAI TensorFlow checkpoint "
-            "(hparams.json + checkpoint + model.ckpt.*)"
+            "model.safetensors.index.json, pytorch_model.bin, an OpenAI TensorFlow checkpoint "
+            "(hparams.json + checkpoint + model.ckpt.*), nanoGPT's ckpt.pt, the course's model.pth or an llm.c .bin"
         )
     if p.is_file():
         if p.name.endswith(".safetensors.index.json"):
             return "safetensors-sharded"
         if p.suffix == ".safetensors":
             return "safetensors"
-        if p.suffix in (".bin", ".pt", ".pth"):
-            return "pytorch"
         if p.suffix == ".index":
             return "openai-tf"
-        with open(p, "rb") as f:
-            head = f.read(9)
+        head = _head(p)
+        if is_llmc_file(head):
+            return "llmc"
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a zip archive, or a pickle (legacy torch)
             return "pytorch"
+        if p.suffix in (".bin", ".pt", ".pth"):
+            raise CheckpointError(
+                f"{p} is neither a torch.save file (a zip archive or a pickle) nor an llm.c model file (magic "
+                f"20240326): its first bytes are {head[:8].hex(' ')}"
+            )
         if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
             return "safetensors"
         raise CheckpointError(
             f"{p} is not a checkpoint format this project reads (safetensors, pytorch_model.bin, OpenAI "
-            "TensorFlow checkpoint)"
+            "TensorFlow checkpoint, nanoGPT's ckpt.pt, the course's model.pth, llm.c's .bin)"
         )
     if Path(f"{p}.index").is_file():
         return "openai-tf"
     raise CheckpointError(f"checkpoint path {p} does not exist")
+
+
+def _head(file: Path) -> bytes:
+    try:
+        with open(file, "rb") as f:
+            return f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror}") from None
+
+
+def _llmc_file_in(folder: Path) -> Path | None:
+    """The one llm.c model file in ``folder`` (llm.c's folders also hold its tokenizer and debug state, whose magic
+    numbers differ); ``CheckpointError`` if there are several."""
+    found = sorted(f for f in folder.glob("*.bin") if f.is_file() and is_llmc_file(_head(f)))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise CheckpointError(f"directory {folder} holds {len(found)} llm.c model files ({names}); name one")
+    return found[0] if found else None
+
+
+def _weights_file(p: Path, fmt: str) -> Path:
+    """The file of format ``fmt`` that the path ``p`` (a folder or that file) names."""
+    if not p.is_dir():
+        return p
+    if fmt == "llmc":
+        return _llmc_file_in(p)
+    return next(p / name for name, f in _FOLDER_FILES if f == fmt and (p / name).is_file())
 
 
 # ----- loading -----
@@ -126,33 +190,53 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[GPT2Config, dict[str, np.ndarray]]:
     """Load any supported GPT-2 checkpoint into ``(config, params)`` in the canonical schema.
 
+    ``path``: a file, a folder, or a model name (``gpt2``, ``gpt2-xl``, ``owner/name@revision``, ``openai:355M``,
+    ...; ``mapper.download.locate_checkpoint``: downloaded once, then read from the cache; a local path wins).
     ``params``: flat dict, canonical names, Conv1D ``[in, out]`` orientation (``wte.weight`` [V, C],
     ``h.{i}.attn.c_attn.weight`` [C, 3C], ...), in ``param_shapes(config)`` order; fresh writable C-contiguous
     arrays, float32/float64 as stored, float16/bfloat16 upcast to float32. A stored ``lm_head.weight`` equal
     to ``wte.weight`` is dropped (tied head); a different one makes the config untied.
     Raises ``CheckpointError``.
     """
-    p = Path(path)
+    p = locate_checkpoint(path)
     fmt = detect_format(p)
     if fmt == "openai-tf":
         stored, origin, config = _openai_tf_source(p)
+        return _assemble(stored, origin, config)
+    file = _weights_file(p, fmt)
+    origin = str(file)
+    if fmt == "llmc":
+        stored, config = llmc_source(file)
+    elif fmt == "pytorch":
+        stored, config = _torch_source(file)
     else:
-        if fmt == "safetensors":
-            file = p / "model.safetensors" if p.is_dir() else p
-            raw = safetensors_source(file)
-            layout = safetensors_metadata(file).get(LAYOUT_KEY)
-            if layout is not None:
-                return _load_module_layout(raw, layout, file)
-        elif fmt == "safetensors-sharded":
-            file = p / "model.safetensors.index.json" if p.is_dir() else p
-            raw = sharded_safetensors_source(file)
-        else:
-            file = p / "pytorch_model.bin" if p.is_dir() else p
-            raw = torch_source(file)
-        origin = str(file)
+        raw = safetensors_source(file) if fmt == "safetensors" else sharded_safetensors_source(file)
+        if fmt == "safetensors" and (layout := safetensors_metadata(file).get(LAYOUT_KEY)) is not None:
+            return _load_module_layout(raw, layout, file)
         stored = _canonical_keys(raw, origin)
         config = _read_config_json(file.parent / "config.json")
     return _assemble(stored, origin, config)
+
+
+def _torch_source(file: Path) -> tuple[dict[str, Stored], GPT2Config | None]:
+    """A ``torch.save`` file, told apart by its content: nanoGPT's ``ckpt.pt``, the course's checkpoint with
+    ``model_state_dict``, or a state dict in Hugging Face's, nanoGPT's, the course's or the seed's names."""
+    obj = load_torch(file)
+    config = _read_config_json(file.parent / "config.json")
+    if is_nanogpt_checkpoint(obj):
+        state = tensor_source(obj["model"], file, "'model' entry")
+        return nanogpt_source(state), config or nanogpt_config(obj["model_args"], str(file))
+    if isinstance(obj, dict) and "model_state_dict" in obj:  # the course's model_and_optimizer.pth
+        state = tensor_source(obj["model_state_dict"], file, "'model_state_dict' entry")
+    else:
+        state = tensor_source(obj, file)
+    if is_book_layout(state):
+        return book_source(state, str(file)), config
+    if is_seed_layout(state):
+        return seed_source(state), config
+    if is_linear_layout(state):  # a bare nanoGPT state dict
+        return nanogpt_source(state), config
+    return _canonical_keys(state, str(file)), config
 
 
 def _canonical_keys(raw: dict[str, Stored], origin: str) -> dict[str, Stored]:
@@ -169,10 +253,14 @@ def _canonical_keys(raw: dict[str, Stored], origin: str) -> dict[str, Stored]:
 
 
 def _read_config_json(path: Path) -> GPT2Config | None:
+    """A Hugging Face ``config.json`` beside the weights, or the course's config dict saved under that name."""
     if not path.is_file():
         return None
     try:
-        return GPT2Config.from_hf_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and COURSE_CONFIG_KEYS <= set(data):
+            return GPT2Config.from_course_dict(data)
+        return GPT2Config.from_hf_dict(data)
     except (ConfigError, json.JSONDecodeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a usable GPT-2 config.json: {e}") from None
 
@@ -251,7 +339,8 @@ def _check_zero_score_bias(bias: np.ndarray, origin: str) -> None:
 
 
 def _infer_config(stored: dict[str, Stored], origin: str) -> GPT2Config:
-    """V, C from wte; P from wpe; L from the h.N keys; n_head from the preset of that width, else C // 64.
+    """V, C from wte; P from wpe; L from the h.N keys; n_head from the preset of that width, else C // 64; the q/k/v
+    bias from its presence.
 
     The head is tied here; ``_assemble`` unties it if a stored ``lm_head.weight`` differs from ``wte``.
     """
@@ -272,7 +361,8 @@ def _infer_config(stored: dict[str, Stored], origin: str) -> GPT2Config:
     n_classes = stored["score.weight"].shape[0] if "score.weight" in stored else None
     try:
         return GPT2Config(
-            vocab_size=V, n_positions=P, n_embd=C, n_layer=max(layers) + 1, n_head=n_head, n_classes=n_classes
+            vocab_size=V, n_positions=P, n_embd=C, n_layer=max(layers) + 1, n_head=n_head, n_classes=n_classes,
+            qkv_bias="h.0.attn.c_attn.bias" in stored,
         )
     except ConfigError as e:
         raise CheckpointError(f"{origin}: the shapes give no valid GPT-2 config ({e}); add a config.json") from None

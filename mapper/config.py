@@ -33,6 +33,8 @@ INIT_KEY = "gpt2_init"
 INITS = ("gpt2", "course")
 COURSE_DROPOUT = 0.1  # the book's drop_rate
 DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+# the course's config dict (GPT_CONFIG_124M), which its model files do not carry; saved as JSON it is read too
+COURSE_CONFIG_KEYS = frozenset({"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"})
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class GPT2Config:
                 raise ConfigError(f"config file {spec} does not hold a JSON object")
             if set(data) <= set(cls.__dataclass_fields__):
                 return cls(**data)
+            if COURSE_CONFIG_KEYS <= set(data):
+                return cls.from_course_dict(data)
             return cls.from_hf_dict(data)  # anything else is read as a Hugging Face config.json
         fields: dict[str, Any] = {}
         for item in (spec or "").split(","):
@@ -244,6 +248,20 @@ class GPT2Config:
             # transformers pools at the rightmost token != pad_token_id (and refuses batches without one)
             d["pad_token_id"] = d["eos_token_id"]
         return d
+
+    @classmethod
+    def from_course_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        """Read the course's config dict (``GPT_CONFIG_124M``: ``vocab_size``, ``context_length``, ``emb_dim``,
+        ``n_heads``, ``n_layers``, ``qkv_bias``, ``drop_rate``), e.g. saved as JSON: the course's model
+        (:meth:`with_init` "course": its initialisation, an untied head) with that q/k/v bias and dropout at all
+        three places (0 when ``drop_rate`` is absent)."""
+        try:
+            config = cls(vocab_size=d["vocab_size"], n_positions=d["context_length"], n_embd=d["emb_dim"],
+                         n_layer=d["n_layers"], n_head=d["n_heads"])
+        except KeyError as e:
+            raise ConfigError(f"the course's config lacks the field {e.args[0]!r}") from None
+        return config.with_init("course").replace(qkv_bias=d.get("qkv_bias", False)).with_dropout(
+            d.get("drop_rate", 0.0))
 
     @classmethod
     def from_openai_hparams(cls, d: dict[str, Any]) -> GPT2Config:

@@ -116,10 +116,29 @@ class TokenSelector:
         if not np.isfinite(logits).all():
             raise ValueError("the model produced non-finite logits (NaN or inf); cannot choose a next token")
         if self.temperature == 0.0:
-            ids = np.argmax(logits, axis=-1).astype(np.int64)
-        else:
-            u = self.rng.random(logits.shape[0])
-            ids = sample_from_probabilities(filtered_probabilities(logits, self.temperature, self.top_k, self.top_p), u)
+            return self.take_greedy(np.argmax(logits, axis=-1))
+        u = self.rng.random(logits.shape[0])
+        return self._after_choice(
+            sample_from_probabilities(filtered_probabilities(logits, self.temperature, self.top_k, self.top_p), u))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def take_greedy(self, ids: np.ndarray, finite: bool = True) -> np.ndarray:
+        """The step's ids [B] when the argmax (the lowest id among equal maxima) was taken where the logits are,
+        e.g. on a GPU, so that only ids cross to the host: the EOS rule is applied as in :meth:`step`.
+        ``finite`` says whether those logits were all finite (refused as in :meth:`step` if not)."""
+        if not self.greedy:
+            raise ValueError("take_greedy is for greedy decoding (temperature 0); sampling needs the logits")
+        if not finite:
+            raise ValueError("the model produced non-finite logits (NaN or inf); cannot choose a next token")
+        ids = np.asarray(ids).astype(np.int64)
+        if ids.shape != self.finished.shape:
+            raise ValueError(f"expected ids [B={self.finished.shape[0]}], got shape {ids.shape}")
+        return self._after_choice(ids)
+
+    def _after_choice(self, ids: np.ndarray) -> np.ndarray:
         if self.eos_token_id is not None:
             ids = np.where(self.finished, self.pad_token_id, ids)
             self.finished |= ids == self.eos_token_id

@@ -1,4 +1,5 @@
-"""Writing checkpoints: a model in Hugging Face's layout or the torch engine's, and LoRA adapters on their own."""
+"""Writing checkpoints: a model in Hugging Face's layout or the torch engine's, llm.c's model file, the tokenizer
+and generation files that make a folder a complete Hugging Face model, and LoRA adapters on their own."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ from pathlib import Path
 import numpy as np
 
 from mapper.atomic import atomic_write
-from mapper.config import GPT2Config
+from mapper.config import GPT2_VOCAB_SIZE, GPT2Config
 from mapper.errors import CheckpointError
+from mapper.formats.llmc import check_llmc_writable, write_llmc
 from mapper.formats.safetensors_file import load_tensors, save_tensors, write_safetensors
 from mapper.layouts import ATTENTION_LAYOUTS, to_module_state
 from mapper.lora import LoraConfig, check_lora_params, is_lora_key
 from mapper.schema import param_shapes, validate_params
+from mapper.tokenizer import openai_bpe_files
 
 HF_PREFIX = "transformer."
 LAYOUT_KEY = "gpt2_layout"  # metadata / config.json field naming a torch-module layout (custom or fused)
 LORA_METADATA_KEY = "gpt2_lora"  # safetensors metadata of an adapters file: the LoraConfig as JSON
+CHECKPOINT_FILES = ("model.safetensors", "config.json")  # what save_checkpoint writes into its folder
+PIPELINE_FILES = ("generation_config.json", "vocab.json", "merges.txt", "tokenizer_config.json")  # save_pipeline_files
 
 
 def save_checkpoint(
@@ -81,6 +86,60 @@ def save_checkpoint(
     config_bytes = (json.dumps(config_dict, indent=2) + "\n").encode()
     atomic_write(directory / "config.json", lambda f: f.write(config_bytes))
     return directory
+
+
+def save_pipeline_files(config: GPT2Config, path: str | os.PathLike[str], *, keep_existing: bool = False) -> list[str]:
+    """Beside a Hugging Face-layout model in the folder ``path``, what ``transformers.pipeline("text-generation",
+    model=path)`` also needs, written atomically (``keep_existing``: files already there are left as they are);
+    returns the names of the files it wrote.
+
+    ``generation_config.json`` (the end-of-text id as ``bos_token_id`` / ``eos_token_id``, so generation stops there)
+    for a language model; for a model whose vocabulary holds GPT-2's 50,257 tokens, GPT-2's tokenizer as Hugging
+    Face names it: ``vocab.json`` and ``merges.txt`` (byte for byte OpenAI's ``encoder.json`` and ``vocab.bpe``) and
+    ``tokenizer_config.json``. Another vocabulary gets no tokenizer: GPT-2's would produce ids outside it.
+    """
+    directory = Path(path)
+    files: dict[str, bytes] = {}
+    if config.n_classes is None:
+        eos = config.to_hf_dict()["eos_token_id"]
+        files["generation_config.json"] = _json_bytes({"bos_token_id": eos, "eos_token_id": eos})
+    if config.vocab_size >= GPT2_VOCAB_SIZE:
+        files["vocab.json"], files["merges.txt"] = openai_bpe_files()
+        files["tokenizer_config.json"] = _json_bytes({
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.n_positions, "add_prefix_space": False,
+            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        })
+    if keep_existing:
+        files = {name: data for name, data in files.items() if not (directory / name).exists()}
+    for name, data in files.items():
+        atomic_write(directory / name, lambda f, data=data: f.write(data))
+    return list(files)
+
+
+def save_llmc(params: dict[str, np.ndarray], config: GPT2Config, path: str | os.PathLike[str], *,
+              dtype: str = "float32") -> Path:
+    """Write ``params`` as llm.c's model file ``path`` (``mapper.formats.llmc``: version 3 for float32, 5 for
+    bfloat16), atomically, so llm.c's C/CUDA trainers continue from it; ``load_checkpoint`` reads it back.
+
+    llm.c's GPT-2 is the tied-head model with every bias: an untied head, a model without the q/k/v bias, a
+    classifier or LoRA adapters are refused (``CheckpointError``)."""
+    file = Path(path)
+    if dtype not in ("float32", "bfloat16"):
+        raise CheckpointError(f"llm.c's model files hold float32 (version 3) or bfloat16 (version 5), not {dtype}")
+    try:
+        validate_params(params, config)
+        check_llmc_writable(config)
+    except ValueError as e:
+        raise CheckpointError(f"cannot save {file} in llm.c's format: {e}") from None
+    if file.is_dir():
+        raise CheckpointError(f"cannot save {file} in llm.c's format: it is a folder; give the .bin file's path")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(file, lambda f: write_llmc(f, params, config, dtype))
+    return file
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def save_lora_adapters(

@@ -71,8 +71,11 @@ def param_shapes(config: GPT2Config, lora: LoraConfig | None = None) -> dict[str
 
 
 def count_params(config: GPT2Config) -> int:
-    """Number of parameters (a tied head counted once)."""
-    return sum(math.prod(s) for s in param_shapes(config).values())
+    """Number of parameters (a tied head counted once): ``param_shapes`` of a one- and a two-block copy of the
+    config, the difference (one block) scaled to ``n_layer``, so a million-layer config is counted at once (and
+    refused by its size, ``mapper.memory``) without listing its names."""
+    one, two = (sum(math.prod(s) for s in param_shapes(config.replace(n_layer=n)).values()) for n in (1, 2))
+    return one + (config.n_layer - 1) * (two - one)
 
 
 def init_params(config: GPT2Config, seed: int = 0, dtype: np.dtype | str = np.float32) -> dict[str, np.ndarray]:

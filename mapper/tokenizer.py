@@ -11,11 +11,16 @@ Where the BPE ranks come from, first match wins:
    for an installation whose packaged copy was removed.
 
 Every file is checked against the sha256 hash tiktoken itself expects, so each route gives the same ids.
+
+The other way round, ``openai_bpe_files()`` writes the ranks out as OpenAI's ``encoder.json`` and ``vocab.bpe``, byte
+for byte (the sha256 hashes above): Hugging Face calls the same files ``vocab.json`` and ``merges.txt``, which is
+what an exported model folder needs for ``transformers.AutoTokenizer``.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -147,3 +152,43 @@ def _ranks_from_openai_files(vocab_bpe: Path, encoder_json: Path) -> dict[bytes,
         if ranks.get(to_bytes(left) + to_bytes(right)) != 256 + i:
             raise TokenizerError(f"{vocab_bpe} and {encoder_json} disagree at merge {i} ({merge!r})")
     return ranks
+
+
+@functools.cache
+def openai_bpe_files() -> tuple[bytes, bytes]:
+    """GPT-2's tokenizer as OpenAI published it: (``encoder.json``, ``vocab.bpe``), rebuilt from the ranks that
+    ``load_tokenizer()`` uses and checked against the published files' sha256.
+
+    ``encoder.json`` maps each token, its bytes written in OpenAI's printable stand-in characters, to its id;
+    ``vocab.bpe`` lists the merges in priority order, merge i being the two tokens whose concatenation is token
+    256 + i. Hugging Face names them ``vocab.json`` and ``merges.txt``.
+    """
+    ranks = load_tokenizer()._mergeable_ranks
+    char_of = {b: ch for ch, b in _gpt2_byte_decoder().items()}
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+
+    def text(token: bytes) -> str:
+        return "".join(char_of[b] for b in token)
+
+    encoder = {text(token): ranks[token] for token in by_rank} | {_ENDOFTEXT: _N_VOCAB - 1}
+    merges = ["#version: 0.2"] + [" ".join(text(part) for part in _last_merge(token, ranks)) for token in by_rank[256:]]
+    encoder_json, vocab_bpe = json.dumps(encoder).encode(), ("\n".join(merges) + "\n").encode()
+    for name, data, expected in (("encoder.json", encoder_json, ENCODER_JSON_SHA256),
+                                 ("vocab.bpe", vocab_bpe, VOCAB_BPE_SHA256)):
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise TokenizerError(f"the {name} rebuilt from the tokenizer's ranks is not OpenAI's (sha256 differs)")
+    return encoder_json, vocab_bpe
+
+
+def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair BPE merged last to make ``token``: its bytes, merged by every rule ranked below the token's own
+    (lowest rank first), end as exactly two parts."""
+    limit, parts = ranks[token], [bytes([b]) for b in token]
+    while len(parts) > 2:
+        rank, i = min((ranks.get(parts[j] + parts[j + 1], limit), j) for j in range(len(parts) - 1))
+        if rank >= limit:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise TokenizerError(f"token {token!r} (rank {limit}) is not one merge of two lower-ranked tokens")
+    return parts[0], parts[1]

@@ -36,6 +36,7 @@ from types import ModuleType
 
 import numpy as np
 
+from mapper.checkpoint import load_checkpoint
 from mapper.config import GPT2Config
 from mapper.dropout import DropoutMasks, check_dropout_masks
 from mapper.lora import LoraConfig
@@ -433,3 +434,14 @@ def classify_loss_and_grads(
     mean_loss, cache_loss = ops.softmax_cross_entropy_forward(logits, labels)  # logits [B,n_classes], labels [B]
     dlogits, _ = ops.softmax_cross_entropy_backward(1.0, cache_loss)  # [B,n_classes]
     return mean_loss, classifier_backward(dlogits, caches, params, config, fast)
+
+
+def from_pretrained(name_or_path: str, dtype: str | np.dtype | None = None
+                    ) -> tuple[dict[str, np.ndarray], GPT2Config]:
+    """``(params, config)`` of a checkpoint, ready for ``forward(params, config, tokens)``: a local file or folder in
+    any format ``mapper.load_checkpoint`` reads, or a model name (``gpt2`` ... ``gpt2-xl``, ``owner/name[@revision]``
+    on the Hub, ``openai:124M`` ...), downloaded once. ``dtype`` casts the weights (float64 for gradient checks)."""
+    config, params = load_checkpoint(name_or_path)
+    if dtype is not None:
+        params = {k: v.astype(dtype, copy=False) for k, v in params.items()}
+    return params, config

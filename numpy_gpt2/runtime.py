@@ -15,6 +15,8 @@ import ctypes
 import os
 import sys
 
+from mapper.host import cpu_flags
+
 # glibc mallopt parameter ids (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
@@ -47,18 +49,6 @@ AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512
 AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})  # OpenBLAS kernel sets built on AVX-512
 _CORENAME_SYMBOLS = ("openblas_get_corename", "openblas_get_corename64_", "scipy_openblas_get_corename64_",
                      "scipy_openblas_get_corename")
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def openblas_core() -> str | None:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.backends import unavailable_reason
-from benchmarks.common import decode_weight_bytes, forward_flops, train_step_flops
+from benchmarks.backends import ALL_BACKENDS, unavailable_reason
+from benchmarks.common import decode_bytes, decode_weight_bytes, forward_flops, train_step_flops
+from benchmarks.sections import sections
 from benchmarks.suite import Settings, plan, render_markdown, resolve_backends, run
 from gpt2_cli import main
 from mapper import GPT2Config
@@ -35,12 +36,15 @@ def test_flop_and_byte_counts_match_a_hand_count():
     # every weight except the position table, 4 bytes each: wte 40, per layer 2 LN (16) + c_attn 60 + c_proj 20
     # + c_fc 80 + mlp.c_proj 68, ln_f 8
     assert decode_weight_bytes(config) == 4 * (40 + 2 * (16 + 60 + 20 + 80 + 68) + 8)
+    # + the KV cache: 2 layers x (k and v) x B=3 rows x context 7 x C=4, in bf16 with bf16 weights
+    assert decode_bytes(config, 3, 7, itemsize=2) == 2 * (40 + 2 * (16 + 60 + 20 + 80 + 68) + 8) + 2 * 2 * 2 * 3 * 7 * 4
 
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    settings = Settings(quick=True, config=TINY, repeats=1, backends=("numpy", "torch-cpu", "torch-cuda", "hf"))
+    settings = Settings(quick=True, config=TINY, repeats=1, backends=("numpy", "torch-cpu", "torch-cuda", "hf"),
+                        threads=2)
     return run(settings, out, log=lambda line: None), out
 
 
@@ -52,14 +56,17 @@ def test_every_workload_runs_for_every_present_backend(tiny_report):
     for workload in ("forward", "train", "decode"):
         assert {r["backend"] for r in report.results if r["workload"] == workload} == set(present), workload
     for row in report.results:
+        spec = ALL_BACKENDS[row["backend"]]
         assert row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
         assert row["seconds"]["median"] > 0 and row["peak_memory_mib"] is not None
         if row["workload"] == "decode":
-            assert row["ms_per_token"] > 0 and row["weight_gbs"] > 0 and row["fraction_of_bandwidth"] > 0
+            assert row["ms_per_token"] > 0 and row["read_gbs"] > 0 and row["fraction_of_bandwidth"] > 0
         else:
             assert row["gflops"] > 0 and 0 < row["fraction_of_limit"]
-        if row["backend"] != "hf-cpu":
-            assert row["speedup_vs_hf"] > 0
+        if spec.family == "hf":  # the reference of its device and precision: no ratio with itself
+            assert "speedup_vs_hf" not in row and spec.hf_reference == spec.name
+        else:
+            assert row["speedup_vs_hf"] > 0 and spec.hf_reference in present
 
 
 def test_results_json_has_the_documented_fields(tiny_report):
@@ -82,6 +89,22 @@ def test_plots_are_written(tiny_report):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_results_md_sections_group_runs_by_machine(tiny_report, tmp_path):
+    """benchmarks.sections: one section per machine, each run's tables and plots, links relative to RESULTS.md."""
+    _, out = tiny_report
+    other = tmp_path / "xeon"
+    other.mkdir()
+    data = json.loads((out / "results.json").read_text())
+    data["machine"]["cpu"] = "Intel(R) Xeon(R) Platinum 8488C"
+    (other / "results.json").write_text(json.dumps(data))
+    text = sections([out, other, out], relative_to=out.parent)
+    assert text.count("## ") - text.count("### ") == 2  # two machines
+    assert f"## {data['machine']['cpu']}" in text and text.count("**forward**") == 3
+    assert f"![throughput.png]({out.name}/throughput.png)" in text
+    with pytest.raises(ValueError, match="holds no results.json"):
+        sections([tmp_path / "nothing"], relative_to=tmp_path)
+
+
 def test_missing_backends_are_skipped_with_a_reason(tiny_report):
     report, _ = tiny_report
     import torch
@@ -90,7 +113,7 @@ def test_missing_backends_are_skipped_with_a_reason(tiny_report):
         pytest.skip("this machine has a GPU")
     cuda = {s["backend"]: s["reason"] for s in report.skipped
             if s.get("backend", "").startswith(("torch-cuda", "hf-cuda"))}
-    assert len(cuda) == 8 and all("no CUDA GPU" in reason for reason in cuda.values())
+    assert len(cuda) == 9 and all("no CUDA GPU" in reason for reason in cuda.values())
     assert "skipped torch-cuda-fp32" in render_markdown(report)
 
 

@@ -359,6 +359,35 @@ def test_truncated_safetensors(tmp_path: Path, keep: int) -> None:
         load_checkpoint(tmp_path)
 
 
+def _hand_written_safetensors(path: Path, header: bytes, data: bytes) -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+F32_PAIR = b'"dtype":"F32","shape":[2]'
+BAD_HEADERS = {
+    "nested a million deep": (b'{"a":' + b"[" * 10**6 + b"]" * 10**6 + b"}", 0, "recursion limit exceeded"),
+    "string offsets": (b'{"a":{' + F32_PAIR + b',"data_offsets":["0","8"]}}', 8, 'invalid type: string "0"'),
+    "float offsets": (b'{"a":{' + F32_PAIR + b',"data_offsets":[0.0,8.5]}}', 8, "invalid type: floating point"),
+    "overlapping offsets": (b'{"a":{' + F32_PAIR + b',"data_offsets":[0,8]},"b":{' + F32_PAIR
+                            + b',"data_offsets":[0,8]}}', 8, "byte ranges overlap or leave a gap, at tensor"),
+    "bytes appended": (b'{"a":{' + F32_PAIR + b',"data_offsets":[0,8]}}', 12, "do not cover the file's data"),
+    "shape against offsets": (b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', 8,
+                              "invalid shape, data type, or offset"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADERS))
+def test_safetensors_headers_are_validated_by_the_safetensors_library_first(tmp_path: Path, case: str) -> None:
+    header, n_data, reason = BAD_HEADERS[case]
+    file = _hand_written_safetensors(tmp_path / "model.safetensors", header, bytes(n_data))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(file)
+    message = str(info.value)
+    assert message.startswith(f"{file} is not a valid safetensors file: ") and reason in message, message
+    assert "\n" not in message
+
+
 def test_truncated_pytorch_bin(tmp_path: Path) -> None:
     data = (FIXTURES / "hf_tiny_bin" / "pytorch_model.bin").read_bytes()
     (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
@@ -419,3 +448,20 @@ def test_failed_save_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.Mon
         save_checkpoint(random_params(TINY, "float32", seed=1), TINY, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_large_tensors_are_read_in_parallel_blocks_bit_for_bit(monkeypatch, tmp_path):
+    """With blocks of 256 bytes every tensor of the fixture larger than that is read as several preadv blocks on
+    the reader's threads: the arrays equal the safetensors library's own reading of the file."""
+    from safetensors.numpy import load_file
+
+    from mapper.formats import safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "READ_BLOCK", 256)
+    file = FIXTURES / "hf_tiny" / "model.safetensors"
+    ours, _ = safetensors_file.load_tensors(file)
+    theirs = load_file(file)
+    assert any(a.nbytes > 4 * 256 for a in theirs.values())
+    assert set(ours) == set(theirs)
+    for key, array in theirs.items():
+        np.testing.assert_array_equal(ours[key], array, err_msg=key)

@@ -20,6 +20,16 @@ def test_preset_parameter_counts(name, count):
     assert count_params(config.replace(tie_word_embeddings=False)) == count + 50257 * config.n_embd
 
 
+@pytest.mark.parametrize("config", [
+    GPT2Config(vocab_size=10, n_positions=7, n_embd=6, n_layer=2, n_head=3),
+    GPT2Config(vocab_size=11, n_positions=5, n_embd=8, n_layer=3, n_head=2, tie_word_embeddings=False),
+    GPT2Config(vocab_size=9, n_positions=4, n_embd=4, n_layer=1, n_head=1, n_classes=3),
+    GPT2Config(vocab_size=9, n_positions=4, n_embd=4, n_layer=2, n_head=2, qkv_bias=False),
+])
+def test_count_params_scaled_from_two_blocks_equals_the_whole_schema(config):
+    assert count_params(config) == sum(int(np.prod(shape)) for shape in param_shapes(config).values())
+
+
 def test_schema_names_and_shapes():
     config = GPT2Config(vocab_size=10, n_positions=7, n_embd=6, n_layer=2, n_head=3, n_classes=4)
     shapes = param_shapes(config)

@@ -121,8 +121,9 @@ def test_reason_then_gsm8k_eval_and_predictions_scoring(slices, tmp_path, capsys
     predictions.write_text(json.dumps({"index": 0, "response": "<answer>The answer is $18.00.</answer>"}) + "\n"
                            + json.dumps({"index": 1, "response": "<answer>4</answer>"}) + "\n")
     assert main(["eval", "gsm8k", "--predictions", str(predictions), "--data", str(test), "--json",
-                 str(summary)]) == 0
-    assert json.loads(summary.read_text()) == {"accuracy": 0.5, "correct": 1, "n": 2}  # Janet's ducks: 18; robe: 3
+                 str(summary), "--force"]) == 0  # the first score.json is replaced only when asked
+    # Janet's ducks: 18; robe: 3; both answers hold a number
+    assert json.loads(summary.read_text()) == {"accuracy": 0.5, "correct": 1, "n": 2, "parse_rate": 1.0}
 
 
 def test_finetune_refuses_bad_input_in_one_line(slices, tmp_path, capsys):
@@ -138,6 +139,22 @@ def test_finetune_refuses_bad_input_in_one_line(slices, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
         assert not out.exists()
+
+
+def test_a_fine_tune_resumes_from_its_out_folder_alone(slices, tmp_path, capsys):
+    out = tmp_path / "clf"
+    argv = ["finetune", "classify", "--data", str(slices / "sms.tsv"), "--out", str(out), "--backend", "numpy", *TINY,
+            "--max-steps", "4", "--eval-every", "2", "--trainable", "all", "--lora-rank", "2", "--lr", "1e-3"]
+    assert main([*argv, "--stop-after", "2"]) == 0
+    assert not (out / "metrics.json").exists()
+    assert main(["finetune", "classify", "--out", str(out), "--resume", "--quiet"]) == 0
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["args"]["options"]["trainable"] == "all"
+    assert state["args"]["options"]["lora"] == {"rank": 2, "alpha": 16.0, "targets": ["attn"]}
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    capsys.readouterr()
+    assert main(["finetune", "classify", "--out", str(out), "--resume", "--lr", "1"]) == 2  # a differing value
+    assert "lr 0.001 -> 1.0" in capsys.readouterr().err
 
 
 def test_course_defaults_and_the_random_init_note(slices, tmp_path, capsys):

@@ -131,6 +131,36 @@ def test_balance_undersamples_to_the_smallest_class_in_original_order():
         classify.balance(texts, ids[:5], seed=0)
 
 
+def test_one_class_is_refused(tmp_path):
+    path = write(tmp_path, "one.tsv", "ham\thello\nham\tthere\nham\tfriend\n")
+    with pytest.raises(ValueError, match=r"one.tsv: every text has the label 'ham'; a classifier needs at least two"):
+        classify.prepare_classification(path, CharEncoder(), seed=0)
+
+
+def test_labels_differing_only_in_case_or_spacing_and_tiny_classes_are_warned_about(tmp_path):
+    lines = [f"{label}\t{text}" for label, text in
+             [("spam", "win"), ("Spam", "cash"), ("ham", "hi"), ("HAM ", "yo"), ("ham", "ok"), ("spam", "now")] * 3]
+    data = classify.prepare_classification(write(tmp_path, "d.tsv", "\n".join(lines)), CharEncoder(), seed=0)
+    assert data.class_names == ["HAM", "Spam", "ham", "spam"]  # kept apart, as the data says
+    assert data.read_counts == {"HAM": 3, "Spam": 3, "ham": 6, "spam": 6}
+    assert data.warnings == [
+        "the labels 'HAM', 'ham' differ only in case or spacing and are 2 different classes (3, 6 texts); correct the "
+        "data if they mean one class",
+        "the labels 'Spam', 'spam' differ only in case or spacing and are 2 different classes (3, 6 texts); correct "
+        "the data if they mean one class",
+        "2 class(es) ('HAM', 'Spam') have only 3 text(s): balancing keeps 3 of each of the 4 classes",
+    ]
+    assert data.summary().startswith("4 classes, 18 texts (HAM 3, Spam 3, ham 6, spam 6) -> 12 kept (3 per class)")
+
+
+def test_a_special_token_in_a_text_names_its_line_in_the_file(tmp_path, gpt2_encoder):
+    lines = [f"{'spam' if i % 2 else 'ham'}\ttext number {i}" for i in range(40)]
+    lines[26] = "ham\tsee you <|endoftext|> later"
+    path = write(tmp_path, "d.tsv", "\n".join(lines))
+    with pytest.raises(ValueError, match=r"d.tsv line 27 'see you <\|endoftext\|> later': the text cannot be encoded"):
+        classify.prepare_classification(path, gpt2_encoder, seed=0)  # 20 of each class: balancing keeps all
+
+
 @pytest.mark.parametrize("n, sizes", [(10, (7, 1, 2)), (1494, (1045, 149, 300)), (1, (0, 0, 1)), (3, (2, 0, 1))])
 def test_split_sizes_cover_everything_once(n, sizes):
     parts = classify.split(n, seed=5)
@@ -203,7 +233,7 @@ def test_prepare_classification_balances_splits_and_pads_to_the_training_length(
     again = classify.prepare_classification(path, CharEncoder(), seed=1)
     assert np.array_equal(again.test.tokens, data.test.tokens)
     summary = data.summary()
-    assert "30 texts (ham 20, spam 10) -> 20 kept -> train 14 / val 2 / test 4" in summary
+    assert "2 classes, 30 texts (ham 20, spam 10) -> 20 kept (10 per class) -> train 14 / val 2 / test 4" in summary
 
 
 def test_prepare_classification_max_length_truncates_every_split_and_counts(tmp_path):
@@ -220,7 +250,7 @@ def test_prepare_classification_max_length_truncates_every_split_and_counts(tmp_
 
 
 def test_prepare_classification_truncates_val_and_test_to_the_training_length(tmp_path, monkeypatch):
-    lines = [f"ham\t{'h' * n}" for n in (1, 1, 1, 1, 1, 1, 1, 5, 9, 9)]
+    lines = [f"{'spam' if i == 0 else 'ham'}\t{'h' * n}" for i, n in enumerate((1, 1, 1, 1, 1, 1, 1, 5, 9, 9))]
     path = write(tmp_path, "d.tsv", "\n".join(lines))
     monkeypatch.setattr(classify, "split", lambda n, fractions=(0.7, 0.1, 0.2), seed=0: (
         np.arange(7), np.array([7]), np.array([8, 9])))

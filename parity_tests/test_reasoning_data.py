@@ -77,7 +77,8 @@ def test_gpt2_data_arithmetic_writes_disjoint_files_and_refuses_to_overwrite(tmp
     before = (out / "train.jsonl").read_bytes()
     capsys.readouterr()
     assert main(["data", "arithmetic", "--out", str(out), "--seed", "9"]) == 2
-    assert "already exist; pass --force" in capsys.readouterr().err
+    assert "already holds train.jsonl, test.jsonl, which this command would replace; pass --force" in (
+        capsys.readouterr().err)
     assert (out / "train.jsonl").read_bytes() == before
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_fixture_values_equal_hf_weights() -> None:
     prefix = tf_checkpoint.resolve_prefix(OPENAI_TINY)
     num_shards, entries = tf_checkpoint.read_index(prefix)
     for name, entry in entries.items():
-        value = tf_checkpoint.read_tensor(prefix, num_shards, entry, verify_checksum=True)
+        value = tf_checkpoint.read_tensor(prefix, num_shards, entry)
         canonical = tf_checkpoint.canonical_name(name)
         expected = ref[canonical]
         if name.endswith("/w"):
@@ -86,6 +87,9 @@ def test_canonical_names() -> None:
 
 def test_crc32c_check_value() -> None:
     assert tf_checkpoint.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    data = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    assert tf_checkpoint.crc32c(data) == _bitwise_crc32c(data.tobytes())  # an array's bytes, read in place
+    assert tf_checkpoint.masked_crc32c(data) == _masked(data.tobytes()) and data.flags.writeable
 
 
 @pytest.mark.parametrize("state_line", ['"model.ckpt"', '"sub/model.ckpt"', "ABSOLUTE", None])
@@ -147,6 +151,68 @@ def test_missing_data_file(tiny_copy: Path) -> None:
         load_checkpoint(tiny_copy)
 
 
+FLIPS = (0x01, 0x80, 0xFF)  # the lowest bit, a varint's continuation bit, every bit
+
+
+def index_fuzz(directory: Path) -> Counter:
+    """Every single-byte flip (``FLIPS``) of the fixture's index, loaded: how many gave the reference weights
+    ("identical"), raised CheckpointError ("refused"), or loaded anything else ("silently different")."""
+    _, reference = load_checkpoint(OPENAI_TINY)
+    index = directory / "model.ckpt.index"
+    original = index.read_bytes()
+    outcomes: Counter = Counter()
+    for position in range(len(original)):
+        for flip in FLIPS:
+            mutated = bytearray(original)
+            mutated[position] ^= flip
+            index.write_bytes(bytes(mutated))
+            try:
+                _, params = load_checkpoint(directory)
+            except CheckpointError:
+                outcomes["refused"] += 1
+                continue
+            same = params.keys() == reference.keys() and all(
+                params[k].dtype == reference[k].dtype and np.array_equal(params[k], reference[k]) for k in params)
+            outcomes["identical" if same else "silently different"] += 1
+    index.write_bytes(original)
+    return outcomes
+
+
+def test_every_single_byte_flip_of_the_index_loads_the_same_weights_or_is_refused(tiny_copy: Path) -> None:
+    outcomes = index_fuzz(tiny_copy)
+    size = (OPENAI_TINY / "model.ckpt.index").stat().st_size
+    assert sum(outcomes.values()) == size * len(FLIPS)
+    assert outcomes["silently different"] == 0, outcomes
+    # only the footer's padding and its unused metaindex handle are outside every block's crc
+    assert outcomes["refused"] > 0.9 * size * len(FLIPS), outcomes
+
+
+@pytest.mark.parametrize("span", [(200, 208), (0, 1), (34620, 34624)])
+def test_overwritten_shard_bytes_are_refused(tiny_copy: Path, span: tuple[int, int]) -> None:
+    data_path = tiny_copy / "model.ckpt.data-00000-of-00001"
+    data = bytearray(data_path.read_bytes())
+    begin, end = span
+    data[begin:end] = bytes(b ^ 0x5A for b in data[begin:end])
+    data_path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"data-00000-of-00001: variable '.*' is corrupt: crc32c"):
+        load_checkpoint(tiny_copy)
+
+
+def test_a_corrupt_index_block_is_named(tiny_copy: Path) -> None:
+    index = tiny_copy / "model.ckpt.index"
+    data = bytearray(index.read_bytes())
+    data[72] ^= 1  # inside the first data block: h0/attn/c_attn/w's offset, 192 -> 64, before block crcs were read
+    index.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index is corrupt: the block at byte 0 has crc32c"):
+        load_checkpoint(tiny_copy)
+
+
+def test_a_binary_checkpoint_state_file_is_named(tiny_copy: Path) -> None:
+    (tiny_copy / "checkpoint").write_bytes(b"\xff\xfe model_checkpoint_path")
+    with pytest.raises(CheckpointError, match=r"checkpoint is not the text file TensorFlow writes \(byte 0"):
+        load_checkpoint(tiny_copy)
+
+
 def test_flipped_byte_fails_checksum(tiny_copy: Path) -> None:
     data_path = tiny_copy / "model.ckpt.data-00000-of-00001"
     data = bytearray(data_path.read_bytes())
@@ -156,7 +222,7 @@ def test_flipped_byte_fails_checksum(tiny_copy: Path) -> None:
     num_shards, entries = tf_checkpoint.read_index(prefix)
     hit = next(e for e in entries.values() if e.offset <= 5000 < e.offset + e.size)
     with pytest.raises(CheckpointError, match=f"variable '{hit.name}' is corrupt: crc32c"):
-        tf_checkpoint.read_tensor(prefix, num_shards, hit, verify_checksum=True)
+        tf_checkpoint.read_tensor(prefix, num_shards, hit)
 
 
 # ----- bundles written here: the 124M name layout, several blocks and shards -----
@@ -175,14 +241,34 @@ def _field(number: int, wire_type: int, payload: bytes) -> bytes:
     return _varint(number << 3 | wire_type) + payload
 
 
-def _entry_proto(dtype: int, shape: tuple[int, ...], shard: int, offset: int, size: int) -> bytes:
+def _bitwise_crc32c(data: bytes) -> int:
+    """CRC-32C one bit at a time (the reflected Castagnoli polynomial), independent of the reader's C library."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(data: bytes) -> int:
+    crc = _bitwise_crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _entry_proto(dtype: int, shape: tuple[int, ...], shard: int, offset: int, size: int, crc: int) -> bytes:
     dims = b"".join(_field(2, 2, _varint(len(d)) + d) for d in (_field(1, 0, _varint(s)) for s in shape))
     msg = _field(1, 0, _varint(dtype)) + _field(2, 2, _varint(len(dims)) + dims)
     if shard:
         msg += _field(3, 0, _varint(shard))
     if offset:  # proto3 leaves zero-valued fields out, as TensorFlow does
         msg += _field(4, 0, _varint(offset))
-    return msg + _field(5, 0, _varint(size))
+    return msg + _field(5, 0, _varint(size)) + _field(6, 5, struct.pack("<I", crc))
+
+
+def _with_trailer(block: bytes) -> bytes:
+    """A block, its compression type (0: none) and the masked crc32c of both."""
+    return block + b"\x00" + struct.pack("<I", _masked(block + b"\x00"))
 
 
 def _block(records: list[tuple[bytes, bytes]]) -> bytes:
@@ -205,8 +291,9 @@ def write_bundle(
     records_per_block: int = 5,
     size_fix: dict[str, int] | None = None,
     dtype_fix: dict[str, int] | None = None,
+    offset_fix: dict[str, int] | None = None,
 ) -> None:
-    """A TF tensor bundle; tensor i goes to shard i % num_shards. Block CRCs are zero (never checked)."""
+    """A TF tensor bundle; tensor i goes to shard i % num_shards. Every block and tensor carries its crc32c."""
     codes = {np.dtype("float32"): 1, np.dtype("float64"): 2, np.dtype("float16"): 19}
     shards = [bytearray() for _ in range(num_shards)]
     records = [(b"", _field(1, 0, _varint(num_shards)) + _field(3, 0, _varint(1)))]
@@ -215,7 +302,8 @@ def write_bundle(
         shard = i % num_shards
         size = (size_fix or {}).get(name, arr.nbytes)
         code = (dtype_fix or {}).get(name, codes[arr.dtype])
-        records.append((name.encode(), _entry_proto(code, arr.shape, shard, len(shards[shard]), size)))
+        offset = (offset_fix or {}).get(name, len(shards[shard]))
+        records.append((name.encode(), _entry_proto(code, arr.shape, shard, offset, size, _masked(arr.tobytes()))))
         shards[shard] += arr.tobytes()
     for s, data in enumerate(shards):
         Path(f"{prefix}.data-{s:05d}-of-{num_shards:05d}").write_bytes(bytes(data))
@@ -224,13 +312,13 @@ def write_bundle(
         chunk = records[start : start + records_per_block]
         block = _block(chunk)
         index_records.append((chunk[-1][0], _varint(len(table)) + _varint(len(block))))
-        table += block + b"\x00" + b"\x00" * 4
+        table += _with_trailer(block)
     meta = _block([])
     meta_handle = _varint(len(table)) + _varint(len(meta))
-    table += meta + b"\x00" * 5
+    table += _with_trailer(meta)
     index = _block(index_records)
     index_handle = _varint(len(table)) + _varint(len(index))
-    table += index + b"\x00" * 5
+    table += _with_trailer(index)
     handles = meta_handle + index_handle
     table += handles + b"\x00" * (40 - len(handles)) + struct.pack("<Q", 0xDB4775248B80FB57)
     Path(f"{prefix}.index").write_bytes(bytes(table))
@@ -311,6 +399,17 @@ def test_written_bundle_offset_past_end_of_shard(tmp_path: Path) -> None:
     shard = tmp_path / "model.ckpt.data-00001-of-00002"
     shard.write_bytes(shard.read_bytes()[:64])
     with pytest.raises(CheckpointError, match=r"data-00001-of-00002 is truncated: variable '.*' needs bytes"):
+        load_checkpoint(tmp_path)
+
+
+def test_written_bundle_overlapping_tensors(tmp_path: Path) -> None:
+    # a consistent index (every crc right) in which wpe claims bytes that wte's last 16 floats occupy
+    tensors = random_openai_tensors(SMALL_124M_LAYOUT, "float32")
+    order = sorted(tensors)
+    start = sum(tensors[n].nbytes for n in order[: order.index("model/wte")])
+    end = start + tensors["model/wte"].nbytes
+    write_openai_dir(tmp_path, SMALL_124M_LAYOUT, tensors, offset_fix={"model/wpe": end - 64})
+    with pytest.raises(CheckpointError, match="variables 'model/wte' and 'model/wpe' overlap in shard 0"):
         load_checkpoint(tmp_path)
 
 

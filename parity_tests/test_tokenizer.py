@@ -141,6 +141,13 @@ def test_argument_wins_over_environment_variable(tmp_path: Path, monkeypatch: py
     assert load_tokenizer(PACKAGED_RANKS).encode(HELLO, allowed_special="all") == HELLO_IDS
 
 
+def test_library_writes_openai_files_byte_for_byte(openai_files: Path) -> None:
+    """What exports ship as vocab.json / merges.txt: the library's own rebuild equals this file's independent one."""
+    encoder_json, vocab_bpe = tokenizer.openai_bpe_files()
+    assert encoder_json == (openai_files / "encoder.json").read_bytes()
+    assert vocab_bpe == (openai_files / "vocab.bpe").read_bytes()
+
+
 def test_tiktoken_download_route_matches(
     openai_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -123,7 +123,7 @@ def test_onednn_fast_path_is_taken_only_when_allowed_and_checked(tiny, reference
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     tokens, targets = torch.from_numpy(reference["tokens_1"]), shifted_targets(reference["tokens_1"])
     linears = 4 * config.n_layer + 1  # every block projection and the tied head
-    fast = GPT2.from_params(params32, config, device="cpu")
+    fast = GPT2.from_params(params32, config, device="cpu", onednn_linear=True)
     plain = GPT2.from_params(params32, config, device="cpu", onednn_linear=False)
     with torch.no_grad():
         fast_logits = fast(tokens)
@@ -379,7 +379,9 @@ def sensitive_params(config: GPT2Config, seed: int) -> dict[str, np.ndarray]:
 
 BF16_REL = 1.5e-2
 SENSITIVE = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the bf16 checks run on the CPU too; their CUDA cases carry the gpu marker (scripts/gpu-check runs -m gpu)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -398,19 +400,45 @@ def test_bf16_autocast_computes_the_same_model(device, attention):
         assert 1e-4 < err <= BF16_REL, f"seed {seed}: {err:.2e}"  # > 1e-4: it really ran in bf16
 
 
+def assert_greedy_runs_agree(got: list[tuple[int, np.ndarray]], want: list[tuple[int, np.ndarray]], rel: float,
+                             what: str) -> int:
+    """Two greedy runs (a (token, logits [V]) per step each) agree to within bf16 rounding: every step's logits
+    within ``rel`` (scaled error), and the same token at every step until one where ``want``'s two best logits lie
+    within 2 * rel * scale of each other. There either token is right at this precision, the runs may part, and
+    nothing after is compared (their prompts differ from then on). Returns the number of steps compared."""
+    for step, ((got_id, got_logits), (want_id, want_logits)) in enumerate(zip(got, want, strict=True)):
+        err = scaled_error(got_logits, want_logits)
+        assert err <= rel, f"{what}, step {step}: logits off by {err:.2e} (scaled) > {rel}"
+        if got_id != want_id:
+            second, first = np.sort(want_logits)[-2:]
+            margin = (first - second) / np.abs(want_logits).max()
+            assert margin <= 2 * rel, (f"{what}, step {step}: token {got_id} instead of {want_id}, though the "
+                                       f"reference's margin is {margin:.3f} of its scale (> 2 x {rel})")
+            return step + 1
+    return len(want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_greedy_decoding_follows_float32(tiny, reference, device):
-    """Through the bf16 KV cache: transformers' 20 greedy tokens, and each step's logits within BF16_REL."""
+    """Through the bf16 KV cache: transformers' greedy tokens and each step's logits within BF16_REL; a ragged
+    batch as each row alone, to the same tolerance. Exact token equality would hold only for the kernels of one
+    machine: a step whose two best logits are closer than bf16's error may go either way (the fixture's first
+    step has a margin of 1.9% of its scale)."""
     config, params32, _ = tiny
     model = GPT2.from_params(params32, config, device=device, autocast_dtype=torch.bfloat16)
     steps = list(generate_stream(model, reference["generate_greedy_prompt"], 20, output_logits=True))
-    tokens = np.concatenate([reference["generate_greedy_prompt"][0], [int(ids[0]) for ids, _ in steps]])
-    np.testing.assert_array_equal(tokens, reference["generate_greedy_out"][0])
-    step_logits = np.concatenate([logits for _, logits in steps])
-    assert scaled_error(step_logits, reference["generate_greedy_step_logits64"]) <= BF16_REL
-    ragged = generate(model, [[3, 14, 15], [7]], 5)
-    alone = [generate(model, [3, 14, 15], 5), generate(model, [7], 5)]
-    assert ragged == alone
+    prompt_length = reference["generate_greedy_prompt"].shape[1]
+    want = list(zip(reference["generate_greedy_out"][0, prompt_length:], reference["generate_greedy_step_logits64"],
+                    strict=True))
+    assert_greedy_runs_agree([(int(ids[0]), logits[0]) for ids, logits in steps], want, BF16_REL, "vs transformers")
+    prompts = [[3, 14, 15], [7]]
+    ragged = list(generate_stream(model, prompts, 5, output_logits=True))
+    for row, prompt in enumerate(prompts):
+        alone = list(generate_stream(model, prompt, 5, output_logits=True))
+        assert_greedy_runs_agree([(int(ids[row]), logits[row]) for ids, logits in ragged],
+                                 [(int(ids[0]), logits[0]) for ids, logits in alone], BF16_REL, f"ragged row {row}")
+    # the plain route (argmax on the device, no logits copied) picks what the logits route picked
+    assert generate(model, prompts, 5) == [p + [int(ids[b]) for ids, _ in ragged] for b, p in enumerate(prompts)]
 
 
 @pytest.mark.gpu

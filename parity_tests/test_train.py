@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +228,12 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(text, tmp_path):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens)).logits.double().numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+    # the run folder also holds GPT-2's tokenizer and generation config: transformers' pipeline runs on it offline
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    generated = pipe("The Verdict", max_new_tokens=5, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt = load_tokenizer().encode("The Verdict")
+    expected = numpy_gpt2.generate(params, config, np.array([prompt]), 5, eos_token_id=config.eos_token_id)[0]
+    assert list(generated) == expected.tolist()[: len(generated)] and len(generated) > len(prompt)
 
 
 def test_float64_backends_agree_step_by_step(text, tmp_path):
@@ -273,34 +277,6 @@ def test_ddp_on_two_processes_equals_one_process(text, tmp_path):
     p1, p2 = load_checkpoint(one)[1], load_checkpoint(two)[1]
     for name in p1:
         np.testing.assert_allclose(p2[name], p1[name], rtol=0, atol=0.02 * 4e-4, err_msg=name)
-
-
-def test_ctrl_c_checkpoints_and_the_run_resumes(text, tmp_path):
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "gpt2_cli", "train", "--data", str(text), "--out", str(out), "--backend",
-               "numpy", *TINY_RUN, "--max-steps", "100000", "--sample-prompt", ""]
-    proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "interrupted at step" in err and "continue with --resume" in err and "Traceback" not in err
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert len(read_log(out / "log.jsonl")) == state["step"] >= 3
-
-
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text, tmp_path, capsys):
-    out = tmp_path / "run"
-    # an absurd learning rate sends the weights to inf after the first step; the next loss is NaN
-    code = gpt2_train(text, out, "--max-steps", "5", "--lr", "1e30", "--save-every", "1", "--sample-prompt", "")
-    err = capsys.readouterr().err
-    assert code == 2 and "the loss is nan" in err and "step 2" in err and "step 1) is kept" in err
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
-    assert len(read_log(out / "log.jsonl")) == 1
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -348,7 +324,7 @@ def test_a_run_is_never_overwritten_and_resume_checks_its_arguments(text, tmp_pa
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     cases = [
-        ((), "already holds a training run; pass --resume"),
+        ((), "already holds a training run (step 2); pass --resume"),
         (("--resume", "--config", "n_layer=1,n_embd=32,n_head=2,n_positions=32"), "config"),
         (("--resume", "--lr", "1e-3"), "lr 0.0004 -> 0.001"),
         (("--resume",), "already finished (2 steps)"),
@@ -385,7 +361,8 @@ def test_plot_overlays_runs_and_reports_time_per_step(text, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "slow: 4 steps" in out and "fast: 4 steps" in out and "s/step (median)" in out
     assert (tmp_path / "both.png").stat().st_size > 1000
-    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no log.jsonl" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('{"label": "x", "points": [{"tokens_seen": 512}]}')

@@ -9,16 +9,20 @@ One step of the loop, in the order :func:`train` calls them:
 2. :func:`take_step`: the schedule's learning rate, one optimizer step, the step's log record;
 3. :func:`add_evaluation`: on evaluation steps, the losses (accuracies) and the greedy sample;
 4. :func:`log_step`: the record appended to ``log.jsonl``, ``loss.png`` redrawn after an evaluation;
-5. :func:`checkpoint_due`: a checkpoint at the end of each epoch (or every ``save_every`` steps) and at the end;
-6. :func:`stop_if_asked`: after ``--stop-after`` or a Ctrl-C, a checkpoint and :class:`Stop`.
+5. :func:`checkpoint_due`: a checkpoint at the end of each epoch (or every ``save_every`` steps) and at the end,
+   written only from finite parameters (and a finite evaluation), else the run stops (``FloatingPointError``);
+6. :func:`stop_if_asked`: after ``--stop-after``, or a SIGINT (Ctrl-C), SIGTERM (``docker stop``, ``timeout``,
+   batch schedulers) or SIGHUP (a closed terminal), a checkpoint and :class:`Stop`. Under ``torchrun`` the
+   processes agree every step (``Backend.max_over_ranks``), so all of them stop after the same step.
 
-The run's folder (``tasks.run_folder``) holds the checkpoint ``resume`` continues from with the same arguments;
-since the data order depends only on (seed, epoch) and the schedule only on the step, the resumed run computes
-exactly what the uninterrupted run would have.
+The run's folder (``tasks.run_folder``) holds the checkpoint ``resume`` continues from with the same arguments,
+and is locked for the run's life (``RunLock``); since the data order depends only on (seed, epoch) and the
+schedule only on the step, the resumed run computes exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -30,15 +34,18 @@ from typing import Protocol
 import numpy as np
 
 from mapper.config import GPT2Config
-from mapper.training import Batch
+from mapper.training import Batch, distributed_world
 from tasks.plots import plot_losses
 from tasks.run_folder import (
     CHECKPOINT,
     RunArgs,
+    RunLock,
     check_out_dir,
     check_same_run,
     last_checkpoint_note,
     load_run,
+    nonfinite_problem,
+    run_write_error,
     write_checkpoint,
 )
 from tasks.runlog import append_record, read_log, truncate_log
@@ -96,6 +103,11 @@ class Backend(Protocol):
 
     def barrier(self) -> None: ...
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` any process of the run holds (the value itself in one process): how the processes
+        agree on a decision one of them made alone, such as a signal only it received."""
+        ...
+
 
 @dataclass
 class Progress:
@@ -112,7 +124,12 @@ class Progress:
 
 
 class Stop(Exception):
-    """The run stopped early on purpose (--stop-after, Ctrl-C) after writing a checkpoint."""
+    """The run stopped early on purpose (--stop-after, a signal) after writing a checkpoint. ``exit_code``: 0 after
+    --stop-after, 128 + the signal's number after a signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as shells do."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = 0 if signum is None else 128 + signum
 
 
 def steps_per_epoch(data: Dataset, args: RunArgs) -> int:
@@ -195,11 +212,14 @@ def add_evaluation(record: dict, backend: Backend, data: Dataset, args: RunArgs,
 
 def log_step(record: dict, progress: Progress, args: RunArgs, out_dir: Path) -> None:
     """Append the record to log.jsonl (main process only) and redraw loss.png after an evaluation."""
-    append_record(out_dir / "log.jsonl", record)
-    progress.log_lines += 1
-    progress.history.append(record)
-    if "eval_train_loss" in record:
-        plot_losses({args.backend: progress.history}, out_dir / "loss.png")
+    try:
+        append_record(out_dir / "log.jsonl", record)
+        progress.log_lines += 1
+        progress.history.append(record)
+        if "eval_train_loss" in record:
+            plot_losses({args.backend: progress.history}, out_dir / "loss.png")
+    except OSError as e:
+        raise run_write_error(out_dir, f"the log of step {record['step']}", e) from None
 
 
 def checkpoint_due(args: RunArgs, step: int, total: int, per_epoch: int) -> bool:
@@ -211,46 +231,62 @@ def checkpoint_due(args: RunArgs, step: int, total: int, per_epoch: int) -> bool
     return step % per_epoch == 0
 
 
-class Interrupts:
-    """Ctrl-C during the loop: the first finishes the step, checkpoints and stops; the second aborts at once.
-    Installed only in the main thread (where Python delivers signals), restored on exit."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self) -> None:
-        self.count = 0
-        self._previous = None
+
+class Interrupts:
+    """SIGINT, SIGTERM and SIGHUP during the loop: the first finishes the step, checkpoints and stops (``signum``
+    records it); in a single process a second one aborts at once. Under torchrun the launcher passes its own
+    signals on to every process, so one Ctrl-C arrives twice: repeats are not counted there (torchrun kills the
+    processes itself if they outstay its timeout). Installed only in the main thread (where Python delivers
+    signals), restored on exit."""
+
+    def __init__(self, abort_on_repeat: bool = True) -> None:
+        self.signum: int | None = None
+        self.abort_on_repeat = abort_on_repeat
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        self.count += 1
-        if self.count > 1:
+        if self.signum is None:
+            self.signum = signum
+        elif self.abort_on_repeat:
             raise KeyboardInterrupt
 
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
-def stop_if_asked(out_dir: Path, backend: Backend, args: RunArgs, progress: Progress, total: int,
+def stop_if_asked(out_dir: Path, backend: Backend, args: RunArgs, progress: Progress, record: dict, total: int,
                   stop_after: int | None, interrupts: Interrupts) -> None:
-    """After ``--stop-after`` or a Ctrl-C (and before the last step): a checkpoint, then :class:`Stop`."""
+    """After ``--stop-after`` or a signal to any process (and before the last step): a checkpoint, then
+    :class:`Stop`. Every process of a distributed run asks the others each step, so they stop together."""
     if stop_after is not None and stop_after <= progress.step < total:
-        save(out_dir, backend, args, progress)
+        save(out_dir, backend, args, progress, record)
         raise Stop(f"stopped after step {progress.step} of {total} (--stop-after); checkpoint in "
                    f"{out_dir / CHECKPOINT}; continue with --resume")
-    if interrupts.count:
-        save(out_dir, backend, args, progress)
-        raise Stop(f"interrupted at step {progress.step} of {total}; checkpoint in {out_dir / CHECKPOINT}; "
-                   "continue with --resume")
+    signum = backend.max_over_ranks(interrupts.signum or 0)
+    if signum:
+        save(out_dir, backend, args, progress, record)
+        raise Stop(f"{signal.Signals(signum).name} at step {progress.step} of {total}: checkpoint in "
+                   f"{out_dir / CHECKPOINT}; continue with --resume", signum)
 
 
-def save(out_dir: Path, backend: Backend, args: RunArgs, progress: Progress) -> None:
-    """A checkpoint from the main process; every process waits for it."""
+def save(out_dir: Path, backend: Backend, args: RunArgs, progress: Progress, record: dict) -> None:
+    """A checkpoint from the main process, only from finite parameters and a finite evaluation (else
+    ``FloatingPointError``, on every process alike); every process waits for it."""
+    params = backend.params() if backend.is_main else {}
+    problem = nonfinite_problem(params, record) if backend.is_main else None
+    if backend.max_over_ranks(int(problem is not None)):
+        raise FloatingPointError(f"{problem or 'the main process found a value that is not finite'}; stopped before "
+                                 f"writing a checkpoint from it; {last_checkpoint_note(out_dir)}")
     if backend.is_main:
-        write_checkpoint(out_dir, backend, args, progress.state())
+        write_checkpoint(out_dir, backend, args, progress.state(), params)
     backend.barrier()
 
 
@@ -285,7 +321,7 @@ def train(backend: Backend, data: Dataset, args: RunArgs, out_dir: Path, encoder
     bar = tqdm(total=total, initial=progress.step, desc=f"train ({args.backend})", unit="step",
                disable=not (show_progress and main), dynamic_ncols=True)
     try:
-        with Interrupts() as interrupts:
+        with Interrupts(abort_on_repeat=distributed_world()[1] == 1) as interrupts:
             while progress.step < total:
                 epoch, batches = orders.step_batches(progress.step)
                 record = take_step(backend, data, args, progress, epoch, batches, total, out_dir)
@@ -297,8 +333,8 @@ def train(backend: Backend, data: Dataset, args: RunArgs, out_dir: Path, encoder
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                                 tok_s=f"{progress.tokens_seen / max(progress.elapsed, 1e-9):,.0f}")
                 if checkpoint_due(args, progress.step, total, orders.per_epoch):
-                    save(out_dir, backend, args, progress)
-                stop_if_asked(out_dir, backend, args, progress, total, stop_after, interrupts)
+                    save(out_dir, backend, args, progress, record)
+                stop_if_asked(out_dir, backend, args, progress, record, total, stop_after, interrupts)
     finally:
         bar.close()
     return progress
@@ -307,24 +343,31 @@ def train(backend: Backend, data: Dataset, args: RunArgs, out_dir: Path, encoder
 def run(args: RunArgs, data: Dataset, out_dir: Path, encoder, config: GPT2Config | None,
         params: dict[str, np.ndarray] | None, make_backend: Callable[[GPT2Config, dict[str, np.ndarray]], Backend],
         resume: bool = False, stop_after: int | None = None, show_progress: bool = True,
-        say: Callable[[str], None] = print) -> Progress:
+        say: Callable[[str], None] = print, force: bool = False) -> Progress:
     """Start a run from (config, params), or resume the one in ``out_dir`` (then config and params come from its
-    checkpoint and ``args`` must match its arguments). Every check happens before anything is written."""
-    checkpoint = check_out_dir(out_dir, resume)
-    if checkpoint is not None:
-        config, params, optimizer, state = load_run(checkpoint)
-        check_same_run(state["args"], args)
-        if state["step"] >= planned_steps(data, args):
-            raise ValueError(f"--resume: the run in {out_dir} already finished ({state['step']} steps)")
-        backend = make_backend(config, params)
-        backend.load_optimizer_state(optimizer)
-        history = read_log(out_dir / "log.jsonl")[: state["log_lines"]] if (out_dir / "log.jsonl").exists() else []
-        progress = Progress(state["step"], state["tokens_seen"], state["elapsed"], state["log_lines"], history)
-        say(f"resuming {out_dir} at step {progress.step} of {planned_steps(data, args)}")
-    else:
-        backend = make_backend(config, params)
-        progress = Progress()
-    if backend.is_main:
+    checkpoint and ``args`` must match its arguments). Every check happens before anything is written; then the
+    folder is locked (``RunLock``) until the run ends. ``force``: start afresh in a folder whose run stopped
+    before its first checkpoint."""
+    check_out_dir(out_dir, resume, force)
+    main = distributed_world()[0] == 0
+    if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        data.save_cache()
-    return train(backend, data, args, out_dir, encoder, progress, stop_after, show_progress)
+    with RunLock(out_dir, say) if main else contextlib.nullcontext():
+        checkpoint = check_out_dir(out_dir, resume, force)  # again, locked: a run that just ended may have written
+        if checkpoint is not None:
+            config, params, optimizer, state = load_run(checkpoint)
+            check_same_run(state["args"], args)
+            if state["step"] >= planned_steps(data, args):
+                raise ValueError(f"--resume: the run in {out_dir} already finished ({state['step']} steps)")
+            backend = make_backend(config, params)
+            backend.load_optimizer_state(optimizer)
+            log = out_dir / "log.jsonl"
+            history = read_log(log, say if main else None)[: state["log_lines"]] if log.exists() else []
+            progress = Progress(state["step"], state["tokens_seen"], state["elapsed"], state["log_lines"], history)
+            say(f"resuming {out_dir} at step {progress.step} of {planned_steps(data, args)}")
+        else:
+            backend = make_backend(config, params)
+            progress = Progress()
+        if backend.is_main:
+            data.save_cache()
+        return train(backend, data, args, out_dir, encoder, progress, stop_after, show_progress)

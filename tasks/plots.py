@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from mapper.atomic import atomic_write
 
 
 def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None,
                 references: dict[str, list[dict]] | None = None) -> None:
     """Train and validation loss against tokens seen, like the course's figure; several runs on one figure.
 
-    ``runs`` maps a label to a run's log records (``tasks.runlog``); ``references`` maps a label to published points
-    (``tasks.runlog.read_reference``), drawn as unconnected markers. The PNG is written to a temporary name and
-    renamed over ``out``, so a reader never sees half a picture."""
+    ``runs`` maps a label to a run's log records (``tasks.runlog``; a loss the log holds as null, not being
+    finite, is left out); ``references`` maps a label to published points (``tasks.runlog.read_reference``), drawn
+    as unconnected markers. The PNG is written atomically, so a reader never sees half a picture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,15 +21,12 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, records) in enumerate(runs.items()):
-        evals = [r for r in records if "eval_train_loss" in r]
         color = f"C{i}"
-        ax.plot([r["tokens_seen"] for r in records], [r["train_loss"] for r in records], color=color, alpha=0.25,
-                lw=1, label=f"{label}: train batch")
-        ax.plot([r["tokens_seen"] for r in evals], [r["eval_train_loss"] for r in evals], color=color, marker=".",
-                label=f"{label}: train")
-        val = [r for r in evals if "val_loss" in r]
-        ax.plot([r["tokens_seen"] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker=".",
-                label=f"{label}: validation")
+        for key, style in (("train_loss", dict(alpha=0.25, lw=1, label=f"{label}: train batch")),
+                           ("eval_train_loss", dict(marker=".", label=f"{label}: train")),
+                           ("val_loss", dict(ls="--", marker=".", label=f"{label}: validation"))):
+            points = [r for r in records if r.get(key) is not None]
+            ax.plot([r["tokens_seen"] for r in points], [r[key] for r in points], color=color, **style)
     for label, points in (references or {}).items():
         for key, marker, name in (("train_loss", "x", "train"), ("val_loss", "+", "validation")):
             shown = [p for p in points if key in p]
@@ -40,10 +38,10 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, title: str | None = None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(Path(out), lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def plot_classification(records: list[dict], steps_per_epoch: int, out: Path, title: str | None = None) -> None:
@@ -59,10 +57,10 @@ def plot_classification(records: list[dict], steps_per_epoch: int, out: Path, ti
     loss_ax.plot([r["step"] for r in records], [r["train_loss"] for r in records], color="C0", alpha=0.25, lw=1,
                  label="train batch")
     for key, label, style in (("eval_train", "train", "-"), ("val", "validation", "--")):
-        points = [r for r in evals if f"{key}_loss" in r]
+        points = [r for r in evals if r.get(f"{key}_loss") is not None]
         loss_ax.plot([r["step"] for r in points], [r[f"{key}_loss"] for r in points], ls=style, marker=".",
                      color="C0" if key == "eval_train" else "C1", label=label)
-        points = [r for r in evals if f"{key}_accuracy" in r]
+        points = [r for r in evals if r.get(f"{key}_accuracy") is not None]
         acc_ax.plot([r["step"] for r in points], [r[f"{key}_accuracy"] for r in points], ls=style, marker=".",
                     color="C0" if key == "eval_train" else "C1", label=label)
     loss_ax.set_ylabel("cross-entropy loss")
@@ -76,7 +74,7 @@ def plot_classification(records: list[dict], steps_per_epoch: int, out: Path, ti
         ax.legend(fontsize=8)
     fig.suptitle(title or "classification fine-tune")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(Path(out), lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)

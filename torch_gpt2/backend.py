@@ -5,6 +5,18 @@ Distributed: every rank holds the whole model; each takes its share of every mic
 ``rank * B / world`` .. ``(rank + 1) * B / world``), DDP averages the gradients, and the losses are averaged
 over ranks, so a step equals the single-process step on the whole batch up to float32 rounding. Rank 0 logs,
 samples and writes checkpoints; the others wait at a barrier. Evaluation runs the same batches on every rank.
+Decisions one rank makes alone (a signal it received, non-finite parameters) are agreed every step with an
+all-reduce (``max_over_ranks``), so no rank waits in a barrier while another is in an all-reduce.
+Each rank's device and the process group's backend come from :func:`distributed_device`: on CUDA, rank r of a
+machine takes GPU ``LOCAL_RANK`` (``torch.cuda.set_device`` before the group is made, ``device_id`` passed to
+it) and nccl; on the CPU, gloo. With ``compile``, the DDP module itself is compiled, so dynamo splits the graph
+at DDP's gradient buckets and each bucket's all-reduce overlaps the rest of the backward (a compiled forward
+inside DDP would hand DDP every gradient at the end of one fused backward, leaving nothing to overlap).
+
+Switches: ``tf32`` lets CUDA float32 matmuls use TF32 tensor cores (faster, ~1e-3 relative; off by default so
+float32 runs match the parity tests); ``deterministic`` makes torch pick deterministic kernels (and cuBLAS a
+fixed workspace), which a bit-exact ``--resume`` on a GPU needs: float atomics in some backward kernels
+(embedding, index_add, some attention backwards) otherwise sum in an order that changes from run to run.
 
 Dropout: the module is in training mode for a step and in eval mode for every loss, logit and sample. A step
 with dropout seeds torch's generators from (seed, step, rank) (``mapper.dropout.dropout_seed``) inside
@@ -15,6 +27,7 @@ uninterrupted run, and the caller's own random state is left as it was.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,10 +41,38 @@ from mapper.sampling import cut_at_eos, new_token_budget
 from mapper.schema import param_shapes
 from mapper.training import Batch, distributed_world, local_rank
 from torch_gpt2.generate import generate
-from torch_gpt2.model import GPT2
+from torch_gpt2.model import GPT2, allow_recompiles, resolve_device
 from torch_gpt2.optim import configure_adamw, train_step
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def distributed_device(device: str | None, local_rank: int, cuda_available: bool) -> tuple[str, str]:
+    """(this rank's device, the process group's backend) for a run of several processes.
+
+    ``device`` None picks cuda when there is a GPU, else cpu; cuda (without an index) becomes ``cuda:LOCAL_RANK``
+    with nccl, so each process of a machine drives its own GPU; cpu runs on gloo. A device with an index would
+    put every rank on that one GPU and is refused (``ValueError``), as is any other device type.
+    """
+    if device is None:
+        device = "cuda" if cuda_available else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if index:
+            raise ValueError(f"--device {device} names one GPU for every process; under torchrun pass --device cuda "
+                             "(each process takes GPU LOCAL_RANK)")
+        return f"cuda:{local_rank}", "nccl"
+    if kind == "cpu":
+        return "cpu", "gloo"
+    raise ValueError(f"--device {device}: several processes train on cuda (nccl) or cpu (gloo)")
+
+
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels from here on (process-wide): torch raises for an operation that has none. cuBLAS
+    needs its workspace fixed before it starts, so call this before the first CUDA matrix product."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 class TorchBackend:
@@ -44,22 +85,29 @@ class TorchBackend:
                  device: str | None = None, dtype: str = "float32", autocast: str | None = None,
                  compile: bool = False, attention: str = "fused", betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, trainable: set[str] | None = None, lora: LoraConfig | None = None,
-                 seed: int = 0) -> None:
+                 tf32: bool = False, deterministic: bool = False, seed: int = 0) -> None:
         self.config = config
         self.lora = lora
         self.seed = seed
         self.steps = 0  # optimizer steps taken (restored from the optimizer state), which seed the dropout masks
         self.rank, self.world = distributed_world()
         self.is_main = self.rank == 0
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if (device or "").startswith("cuda") else "gloo"
-            torch.distributed.init_process_group(backend)
-        if self.world > 1 and (device or "").startswith("cuda") and ":" not in device:
-            device = f"cuda:{local_rank()}"
+        if deterministic:
+            use_deterministic_algorithms()
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.world > 1:
+            device, group_backend = distributed_device(device, local_rank(), torch.cuda.is_available())
+            if group_backend == "nccl":
+                resolve_device(device)  # a LOCAL_RANK beyond the GPUs fails here, in one line
+                torch.cuda.set_device(device)
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group(
+                    group_backend, device_id=torch.device(device) if group_backend == "nccl" else None)
         np_params = {k: v.astype(dtype, copy=False) for k, v in params.items()}
         self.model = GPT2.from_params(np_params, config, attention, device=device,
-                                      autocast_dtype=AUTOCAST[autocast] if autocast else None, compile=compile,
-                                      lora=lora)
+                                      autocast_dtype=AUTOCAST[autocast] if autocast else None,
+                                      compile=compile and self.world == 1, lora=lora)
         self.trainable = None if trainable is None else set(trainable)  # canonical names; None: all
         if trainable is not None:  # the fused layout's module names are the canonical names
             named = dict(self.model.named_parameters())
@@ -77,6 +125,9 @@ class TorchBackend:
 
             ids = [self.model.device.index] if self.model.device.type == "cuda" else None
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
+            if compile:
+                allow_recompiles()
+                self.trained = torch.compile(self.trained, dynamic=False)
 
     @classmethod
     def for_inference(cls, config: GPT2Config, params: dict[str, np.ndarray], device: str | None = None,
@@ -111,7 +162,7 @@ class TorchBackend:
         """This rank's share of a batch on the model's device (token ids checked on the host first)."""
         out = {"tokens": self.model.to_device(self._share(batch.tokens))}
         if batch.is_classification:
-            out["lengths"] = torch.from_numpy(self._share(batch.lengths)).to(self.model.device)
+            out["lengths"] = self._share(batch.lengths)  # host: checked there and copied once by model.classify
             out["labels"] = torch.from_numpy(self._share(batch.labels)).to(self.model.device)
         else:
             out["targets"] = self.model.to_device(self._share(batch.targets), "targets")
@@ -151,8 +202,7 @@ class TorchBackend:
     @torch.no_grad()
     def class_logits(self, batch: Batch) -> np.ndarray:
         self.model.eval()
-        lengths = torch.from_numpy(batch.lengths).to(self.model.device)
-        logits = self.model.classify(self.model.to_device(batch.tokens), lengths)
+        logits = self.model.classify(self.model.to_device(batch.tokens), batch.lengths)
         return logits.double().cpu().numpy()
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
@@ -208,6 +258,14 @@ class TorchBackend:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` of any rank (an all-reduce with MAX); ``value`` itself in one process."""
+        if self.world == 1:
+            return value
+        agreed = torch.tensor([value], dtype=torch.int64, device=self.model.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return int(agreed.item())
 
     @property
     def _np_dtype(self) -> np.dtype:

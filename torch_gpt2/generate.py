@@ -7,7 +7,11 @@ puts the token at slot ``s`` at position ``s - p_b``, and no real query ever att
 logits it would get decoded alone.
 
 Next ids come from :class:`mapper.sampling.TokenSelector` applied to the last position's logits as float64
-NumPy, the same code the NumPy spec uses, so both pick identical tokens for the same seed.
+NumPy, the same code the NumPy spec uses, so both pick identical tokens for the same seed. Greedy decoding
+that does not ask for the logits takes the argmax where the logits are (the lowest id among equal maxima, as
+the selector's rule, exactly: every float type converts to float64 exactly) and copies only the ids and a
+finiteness flag to the host, not B x V float64 logits per token. Under autocast the model decodes through
+:meth:`GPT2.decoding_model`, whose matrices are cast once per call instead of once per token.
 Call them with the model first: ``generate(model, prompts, max_new_tokens, ...)``.
 """
 
@@ -79,6 +83,7 @@ def _decode(
 ) -> Iterator[Any]:
     if max_new_tokens == 0:
         return
+    model = model.decoding_model()
     device, B, T = model.device, len(rows), max(len(row) for row in rows)
     pad = [T - len(row) for row in rows]
     prompt = torch.tensor([[0] * p + row for p, row in zip(pad, rows, strict=True)], device=device)  # [B, T]
@@ -101,11 +106,18 @@ def _decode(
             h = model.hidden_states(ids, pos, cache, start, mask)  # [B, Tq, C]
             return model.lm_logits(h[:, -1:])[:, -1]
 
+    on_device = selector.greedy and not output_logits
     logits = last_logits(prompt, 0)
     for step in range(max_new_tokens):
-        host_logits = logits.to(torch.float64).cpu().numpy()  # [B, V], what TokenSelector decides on
-        next_ids = selector.step(host_logits)
-        yield (next_ids, host_logits) if output_logits else next_ids
+        if on_device:
+            # one small copy: [2, B] = the argmax ids and whether each row's logits are finite
+            picked = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()]).cpu().numpy()
+            next_ids = selector.take_greedy(picked[0], finite=bool(picked[1].all()))
+            yield next_ids
+        else:
+            host_logits = logits.to(torch.float64).cpu().numpy()  # [B, V], what TokenSelector decides on
+            next_ids = selector.step(host_logits)
+            yield (next_ids, host_logits) if output_logits else next_ids
         if selector.done or step == max_new_tokens - 1:
             return
         logits = last_logits(torch.from_numpy(next_ids).to(device)[:, None], T + step)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mapper.checkpoint import load_checkpoint
 from mapper.config import GPT2Config
 from mapper.dropout import DropoutMasks, check_dropout_masks
 from mapper.layouts import check_attention_layout, check_lora_layout, from_module_state, to_module_state
@@ -42,6 +44,17 @@ from torch_gpt2.onednn import linear
 
 ATTN_IMPLS = ("sdpa", "math")
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+# Compiled graphs one model may hold (one per shape, dtype, autocast or TF32 setting): dynamo's default is 8
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's recompile limit to ``COMPILE_RECOMPILE_LIMIT`` (process-wide; never lowered) and make running
+    out of it an error: by default dynamo then runs the function eagerly, silently, which would time an eager
+    forward under a ``-compile`` label."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    config.fail_on_recompile_limit_hit = True
 
 
 def resolve_device(device: str | torch.device | None, dtype: torch.dtype = torch.float32) -> torch.device:
@@ -104,10 +117,10 @@ class Linear(nn.Linear):
     With ``lora`` it also holds ``lora_A`` [r, in] and ``lora_B`` [out, r] (nn.Linear's orientation, like
     ``weight``) and computes ``y = x W^T + b + scale * (x A^T) B^T``, scale = alpha / r. Their values come from
     :meth:`GPT2.from_params` (canonical adapters, transposed by :mod:`mapper.layouts`); here they start at zero.
-    ``onednn`` is set for the whole model by :meth:`GPT2.set_onednn_linear`.
+    ``onednn`` is set for the whole model by :meth:`GPT2.set_onednn_linear` (None: this machine's measured choice).
     """
 
-    onednn: bool = True
+    onednn: bool | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, lora: LoraConfig | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -266,8 +279,10 @@ class GPT2(nn.Module):
     """GPT-2 with ``attention`` = "fused" (OpenAI's c_attn) or "custom" (separate W_q, W_k, W_v).
 
     ``attn_impl`` = "sdpa" (default) or "math". ``autocast_dtype`` (torch.bfloat16 / torch.float16, or None)
-    runs forward and decoding under ``torch.autocast``. ``onednn_linear`` (default True) lets float32 CPU
-    inference use oneDNN's matmul (:mod:`torch_gpt2.onednn`; it is used only where it exists and was checked).
+    runs forward and decoding under ``torch.autocast``. ``onednn_linear`` sends float32 CPU matrix products to
+    oneDNN (True), to ``F.linear``/MKL (False), or (None, the default) to whichever a short measurement found
+    faster on this machine (:func:`torch_gpt2.onednn.preferred_linear`, cached per CPU model and torch version);
+    oneDNN is used only where it exists and was checked.
     ``lora`` (a :class:`mapper.LoraConfig`, or None) gives the targeted linears LoRA adapters (:class:`Linear`).
     Dropout (the config's probabilities) acts in training mode only (module docstring).
     Build one with :meth:`from_params` or :meth:`from_config` (both in eval mode); decode with
@@ -280,7 +295,7 @@ class GPT2(nn.Module):
         config: GPT2Config,
         attention: str = "fused",
         attn_impl: str = "sdpa",
-        onednn_linear: bool = True,
+        onednn_linear: bool | None = None,
         lora: LoraConfig | None = None,
     ) -> None:
         super().__init__()
@@ -305,9 +320,10 @@ class GPT2(nn.Module):
         self.score = None if config.n_classes is None else Linear(C, config.n_classes, bias=False)
         self.set_onednn_linear(onednn_linear)
 
-    def set_onednn_linear(self, enabled: bool) -> None:
-        """Let (True) or forbid (False) every linear layer, the tied head included, the oneDNN fast path."""
-        self.onednn_linear = bool(enabled)
+    def set_onednn_linear(self, enabled: bool | None) -> None:
+        """Send every linear layer, the tied head included, to oneDNN (True), to ``F.linear`` (False), or to this
+        machine's measured choice (None)."""
+        self.onednn_linear = None if enabled is None else bool(enabled)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.onednn = self.onednn_linear
@@ -325,7 +341,7 @@ class GPT2(nn.Module):
         attn_impl: str = "sdpa",
         autocast_dtype: torch.dtype | None = None,
         compile: bool = False,
-        onednn_linear: bool = True,
+        onednn_linear: bool | None = None,
         lora: LoraConfig | None = None,
     ) -> GPT2:
         """A module holding copies of the canonical ``params`` (float64 -> float64 module, float32 -> float32).
@@ -351,6 +367,14 @@ class GPT2(nn.Module):
         if compile:
             model.enable_compile()
         return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, attention: str = "fused", **kwargs: Any) -> GPT2:
+        """A module holding a checkpoint: a local file or folder in any format ``mapper.load_checkpoint`` reads, or a
+        model name (``gpt2`` ... ``gpt2-xl``, ``owner/name[@revision]`` on the Hub, ``openai:124M`` ...), downloaded
+        once and then read from the cache. ``kwargs`` as :meth:`from_params` (``device``, ``dtype``, ...)."""
+        config, params = load_checkpoint(name_or_path)
+        return cls.from_params(params, config, attention, **kwargs)
 
     @classmethod
     def from_config(
@@ -402,9 +426,45 @@ class GPT2(nn.Module):
         self.autocast_dtype = dtype
 
     def enable_compile(self, **compile_kwargs: Any) -> GPT2:
-        """Compile the full-sequence forward (training, scoring) with ``torch.compile``; decoding stays eager."""
-        self._compiled_forward = torch.compile(self._logits_and_loss, **compile_kwargs)
+        """Compile the full-sequence forward (training, scoring) with ``torch.compile``; decoding stays eager.
+
+        Shapes are static (one graph per shape, the fastest kernels) unless ``dynamic=True`` is passed. Dynamo
+        keys its cache, and the recompile budget, on the function's code object, so every model compiling the
+        same method would share one budget; each model here compiles its own copy of the code, so one model's
+        graphs never push another's out. The budget is raised and running out of it raises
+        (:func:`allow_recompiles`) rather than silently running eager.
+        """
+        allow_recompiles()
+        code = GPT2._logits_and_loss.__code__.replace()  # a fresh code object: this model's own dynamo cache
+        own = types.MethodType(types.FunctionType(code, globals(), "_logits_and_loss"), self)
+        self._compiled_forward = torch.compile(own, **{"dynamic": False, **compile_kwargs})
         return self
+
+    def decoding_model(self) -> GPT2:
+        """The model decoding runs: this one, or under autocast a copy whose linear layers (the tied head
+        included) hold their weights already cast to the autocast dtype.
+
+        Autocast casts a weight at each use outside its cache, and the cache lives for one autocast region;
+        decoding enters one region per token, so each token would cast every weight again. The copy computes
+        exactly what autocast computes (autocast casts a linear's input, weight and bias to its dtype; the
+        weights are cast once here, the inputs still at each use) and shares every other tensor (embeddings,
+        LayerNorms) with this model. It costs the cast matrices' memory (half of float32's for bf16) while it
+        lives.
+        """
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return self
+        cast = {f"{prefix}.{name}" for prefix, module in self.named_modules() if isinstance(module, Linear)
+                for name, _ in module.named_parameters(recurse=False)}
+        state = {name: p.detach().to(dtype) if name in cast else p.detach() for name, p in self.named_parameters()}
+        with torch.device("meta"):
+            copy = GPT2(self.config, self.attention, self.attn_impl, self.onednn_linear, self.lora)
+            if copy.lm_head is None:  # tied: the head gets its own cast of wte; the embedding reads wte as it is
+                copy.lm_head = Linear(self.config.n_embd, self.config.vocab_size, bias=False)
+                state["lm_head.weight"] = self.wte.weight.detach().to(dtype)
+        copy.load_state_dict(state, strict=True, assign=True)
+        copy.set_autocast(dtype)
+        return copy.train(self.training)
 
     @property
     def device(self) -> torch.device:
@@ -526,7 +586,7 @@ class GPT2(nn.Module):
         parameter in the canonical schema). Gradients are those of this call alone (old ones are cleared); a
         classification head, which this loss does not use, gets zeros. ``dropout_masks`` as in :meth:`forward`."""
         self.zero_grad(set_to_none=True)
-        _, loss = self(self.to_device(tokens), torch.from_numpy(np.asarray(targets)).to(self.device), dropout_masks)
+        _, loss = self(self.to_device(tokens), self.to_device(targets, "targets"), dropout_masks)  # ids checked on host
         loss.backward()
         self._zero_unused_grads()
         return float(loss.detach()), self.grads_to_params()
@@ -541,15 +601,24 @@ class GPT2(nn.Module):
     # ------------------------------------------------------------------ sequence classification
 
     def _lengths_tensor(self, lengths: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        host = lengths.detach().cpu().numpy() if isinstance(lengths, torch.Tensor) else np.asarray(lengths)
-        return torch.from_numpy(check_lengths(host, shape)).to(self.device)
+        """lengths [B] -> int64 on the model's device. Host values (an array, a CPU tensor) are checked, then copied
+        once; a tensor already on an accelerator is checked for shape and dtype only, since reading its values
+        would cost a device -> host round trip per call (pass host lengths to have them checked)."""
+        if isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu":
+            if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != shape[:1]:
+                raise ValueError(f"lengths must be an integer tensor of shape ({shape[0]},), got {lengths.dtype} "
+                                 f"{tuple(lengths.shape)}")
+            return lengths.to(self.device)
+        host = lengths.numpy() if isinstance(lengths, torch.Tensor) else np.asarray(lengths)
+        return torch.from_numpy(check_lengths(host, shape)).to(self.device, non_blocking=True)
 
     def classify(self, tokens: torch.Tensor, lengths: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Hugging Face's GPT2ForSequenceClassification: right-padded tokens [B, T] whose row b has ``lengths[b]``
         real tokens -> class logits [B, n_classes] = ln_f output at position lengths[b] - 1 @ score.weight.T.
 
         The causal mask keeps the padding after a row's last real token out of its hidden state, so a padded
-        row scores as it would alone. ``lengths`` (int [B], each in 1 .. T) is checked on the host.
+        row scores as it would alone. ``lengths`` (int [B], each in 1 .. T) is checked on the host (host arrays;
+        see :meth:`_lengths_tensor`).
         """
         if self.score is None:
             raise ValueError("this model has no classification head (config.n_classes is None)")

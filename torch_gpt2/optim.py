@@ -45,7 +45,7 @@ def micro_batch_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] 
     ``{"tokens", "lengths", "labels"}`` for classification (cross-entropy of ``model.classify``'s logits; not
     through a DistributedDataParallel wrapper, whose gradient hooks only see ``forward``)."""
     if isinstance(batch, dict) and "labels" in batch:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):  # compiled or not
             raise ValueError("classification fine-tuning runs in one process (DistributedDataParallel only wraps "
                              "the language-model forward)")
         logits = model.classify(batch["tokens"], batch["lengths"])

@@ -7,6 +7,11 @@ A TF1 ``Saver`` checkpoint with prefix ``P`` (OpenAI's is ``model.ckpt``) is a "
   (number of shards, endianness).
 * ``P.data-SSSSS-of-NNNNN``: the shards, each tensor's raw little-endian bytes at ``[offset, offset+size)``.
 
+Nothing is trusted unchecked: every block of the index carries a masked CRC-32C of its bytes, which is verified
+before the block is parsed; the tensors' byte ranges must lie inside their shard and must not overlap; and each
+tensor's bytes are checked against the masked CRC-32C its entry stores (``google-crc32c``, in C: ~10 GB/s, so
+the 1558M model's 6 GB cost well under a second beside reading them). Any mismatch is a ``CheckpointError``.
+
 OpenAI's names and the canonical ones (``[in, out]`` in both, so no transpose)::
 
     model/wte [V, C] -> wte.weight              model/wpe [P, C] -> wpe.weight
@@ -17,13 +22,13 @@ OpenAI's names and the canonical ones (``[in, out]`` in both, so no transpose)::
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 from mapper.errors import CheckpointError
@@ -47,7 +52,7 @@ class TensorEntry:
     shard_id: int
     offset: int
     size: int
-    crc32c: int | None  # masked crc32c of the bytes, as TensorFlow stores it
+    crc32c: int  # masked crc32c of the bytes, as TensorFlow stores it (proto3 leaves out a 0)
 
 
 def resolve_prefix(path: str | Path) -> Path:
@@ -61,7 +66,12 @@ def resolve_prefix(path: str | Path) -> Path:
         prefix = path / "model.ckpt"
         state = path / "checkpoint"
         if state.is_file():
-            found = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state.read_text(), re.MULTILINE)
+            try:
+                text = state.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{state} is not the text file TensorFlow writes (byte {e.start} is not "
+                                      "UTF-8)") from None
+            found = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', text, re.MULTILINE)
             if found is None:
                 raise CheckpointError(f"{state} has no 'model_checkpoint_path: \"...\"' line")
             prefix = path / found.group(1)  # an absolute path replaces the directory
@@ -105,16 +115,26 @@ def read_index(prefix: str | Path) -> tuple[int, dict[str, TensorEntry]]:
             raise CheckpointError(
                 f"{index_path}: variable {entry.name!r} is in shard {entry.shard_id}, but there are {num_shards} shards"
             )
+    _check_no_overlap(entries, index_path)
     return num_shards, entries
 
 
-def read_tensor(
-    prefix: str | Path, num_shards: int, entry: TensorEntry, *, verify_checksum: bool = False
-) -> np.ndarray:
+def _check_no_overlap(entries: dict[str, TensorEntry], index_path: Path) -> None:
+    """Two variables may not claim the same bytes of a shard (one would be read as the other)."""
+    spans = sorted((e.shard_id, e.offset, e.offset + e.size, e.name) for e in entries.values() if e.size)
+    for (shard, _, end, name), (next_shard, begin, _, next_name) in zip(spans, spans[1:], strict=False):
+        if shard == next_shard and begin < end:
+            raise CheckpointError(
+                f"{index_path} is corrupt: variables {name!r} and {next_name!r} overlap in shard {shard} (bytes "
+                f"{begin}..{end})"
+            )
+
+
+def read_tensor(prefix: str | Path, num_shards: int, entry: TensorEntry) -> np.ndarray:
     """One variable's value, in its stored dtype and shape: a fresh, writable, C-contiguous array.
 
-    The bytes are read straight into the array (no intermediate buffer). ``verify_checksum`` compares
-    TensorFlow's crc32c (pure Python, ~1 s per 5 MB: meant for small files and tests).
+    The bytes are read straight into the array (no intermediate buffer), then checked against the entry's
+    crc32c; a mismatch is a ``CheckpointError``.
     """
     shard = Path(f"{prefix}.data-{entry.shard_id:05d}-of-{num_shards:05d}")
     out = np.empty(entry.shape, dtype=entry.dtype)
@@ -132,13 +152,11 @@ def read_tensor(
         raise CheckpointError(f"data shard {shard} of TensorFlow checkpoint {prefix} does not exist") from None
     if got != entry.size:
         raise CheckpointError(f"{shard}: read {got} of {entry.size} bytes of variable {entry.name!r}")
-    if verify_checksum and entry.crc32c is not None:
-        actual = _mask(crc32c(memoryview(out).cast("B")))
-        if actual != entry.crc32c:
-            raise CheckpointError(
-                f"{shard}: variable {entry.name!r} is corrupt: crc32c {actual:#010x}, the index says "
-                f"{entry.crc32c:#010x}"
-            )
+    actual = masked_crc32c(out)
+    if actual != entry.crc32c:
+        raise CheckpointError(
+            f"{shard}: variable {entry.name!r} is corrupt: crc32c {actual:#010x}, the index says {entry.crc32c:#010x}"
+        )
     return out
 
 
@@ -196,10 +214,18 @@ class _Reader:
 
 
 def _read_block(data: bytes, offset: int, size: int, path: Path) -> bytes:
+    """A block's bytes, after checking its trailer: the compression type (none) and the masked crc32c of the
+    block and that type byte."""
     if offset + size + _BLOCK_TRAILER_SIZE > len(data):
         raise CheckpointError(
             f"{path} is truncated: a block at [{offset}, {offset + size}) plus its trailer lies past the "
             f"end of the {len(data)}-byte file"
+        )
+    (stored,) = struct.unpack_from("<I", data, offset + size + 1)
+    actual = masked_crc32c(data[offset : offset + size + 1])
+    if actual != stored:
+        raise CheckpointError(
+            f"{path} is corrupt: the block at byte {offset} has crc32c {actual:#010x}, its trailer says {stored:#010x}"
         )
     if data[offset + size] != 0:
         raise CheckpointError(f"{path}: block at {offset} is compressed (type {data[offset + size]}); unsupported")
@@ -284,7 +310,7 @@ def _parse_entry(name: str, value: bytes, path: Path) -> TensorEntry:
         shard_id=int(scalars.get(3, 0)),
         offset=int(scalars.get(4, 0)),  # proto3 omits zeros: the first tensor has no offset field
         size=int(scalars.get(5, 0)),
-        crc32c=scalars.get(6),
+        crc32c=int(scalars.get(6, 0)),
     )
     expected = math.prod(entry.shape) * entry.dtype.itemsize
     if entry.size != expected:
@@ -294,28 +320,18 @@ def _parse_entry(name: str, value: bytes, path: Path) -> TensorEntry:
     return entry
 
 
-# ----- crc32c (Castagnoli), as TensorFlow stores it: masked -----
+# ----- crc32c (Castagnoli), as LevelDB and TensorFlow store it: masked -----
 
 
-@functools.cache
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+def crc32c(data: bytes | np.ndarray) -> int:
+    """CRC-32C (Castagnoli polynomial, reflected) of ``data`` (bytes, or an array's raw bytes), in C."""
+    if isinstance(data, np.ndarray):
+        data = data.reshape(-1).view(np.uint8)
+        data.flags.writeable = False  # google-crc32c takes read-only buffers; the view alone is locked
+    return google_crc32c.value(data)
 
 
-def crc32c(data: bytes | memoryview) -> int:
-    """CRC-32C (Castagnoli polynomial, reflected) of ``data``; pure Python, so slow on large inputs."""
-    table, crc = _crc32c_table(), 0xFFFFFFFF
-    for byte in bytes(data):
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _mask(crc: int) -> int:
-    # LevelDB/TF store crc32c "masked" (rotated and offset) so a crc of data holding crcs stays robust.
+def masked_crc32c(data: bytes | np.ndarray) -> int:
+    """The crc32c as stored: rotated and offset, so that the crc of data that holds crcs stays robust."""
+    crc = crc32c(data)
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF

@@ -1,0 +1,47 @@
+"""What this machine is, as the engines and the benchmarks need to know it: the CPU's model and feature flags, and
+which low-precision types it multiplies natively. Linux reads ``/proc/cpuinfo``; elsewhere the flags are empty
+and the model is ``platform``'s processor name."""
+
+from __future__ import annotations
+
+import platform
+
+# What the CPU needs to multiply in a low precision natively; without it torch emulates the type in float32 code
+LOW_PRECISION_FLAGS = {
+    "bf16": frozenset({"avx512_bf16", "amx_bf16"}),
+    "fp16": frozenset({"avx512_fp16", "amx_fp16"}),
+}
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8488C", ...)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def low_precision_support(flags: frozenset[str]) -> dict[str, str | None]:
+    """For "bf16" and "fp16": None where ``flags`` hold an instruction set that multiplies it natively, else the
+    reason (one line) why a measurement of it would only time an emulation."""
+    out: dict[str, str | None] = {}
+    for name, needed in LOW_PRECISION_FLAGS.items():
+        out[name] = None if needed & flags else (
+            f"this CPU has no {' or '.join(sorted(needed))} instructions (it would emulate {name} in float32 code)")
+    return out
