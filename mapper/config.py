@@ -120,6 +120,11 @@ class GPT2Config:
             return self.replace(init=init)
         return self.replace(init=init, tie_word_embeddings=False, qkv_bias=False).with_dropout(COURSE_DROPOUT)
 
+    def computation(self) -> GPT2Config:
+        """The fields that decide what the model computes: a copy with GPT-2's init and no dropout, for formats that
+        record neither (llm.c's, OpenAI's hparams.json)."""
+        return self.replace(init="gpt2").with_dropout(0.0)
+
     @property
     def eos_token_id(self) -> int | None:
         """GPT-2's ``<|endoftext|>`` (50256) for a model with GPT-2's vocabulary; None for any other vocabulary,
@@ -151,8 +156,8 @@ class GPT2Config:
                 raise ConfigError(f"config file {spec} does not hold a JSON object")
             if set(data) <= set(cls.__dataclass_fields__):
                 return cls(**data)
-            if COURSE_CONFIG_KEYS <= set(data):
-                return cls.from_course_dict(data)
+            if COURSE_CONFIG_KEYS <= set(data):  # a fresh model of the course's: its GPTModel has its own out_head
+                return cls.from_course_dict(data).replace(tie_word_embeddings=False)
             return cls.from_hf_dict(data)  # anything else is read as a Hugging Face config.json
         fields: dict[str, Any] = {}
         for item in (spec or "").split(","):
@@ -252,16 +257,17 @@ class GPT2Config:
     @classmethod
     def from_course_dict(cls, d: dict[str, Any]) -> GPT2Config:
         """Read the course's config dict (``GPT_CONFIG_124M``: ``vocab_size``, ``context_length``, ``emb_dim``,
-        ``n_heads``, ``n_layers``, ``qkv_bias``, ``drop_rate``), e.g. saved as JSON: the course's model
-        (:meth:`with_init` "course": its initialisation, an untied head) with that q/k/v bias and dropout at all
-        three places (0 when ``drop_rate`` is absent)."""
+        ``n_heads``, ``n_layers``, ``qkv_bias``, ``drop_rate``), e.g. saved as JSON: the course's initialisation
+        (``init`` "course"), that q/k/v bias and ``drop_rate`` at all three dropout places (0 when absent). The head
+        is left tied here, as weights beside the dict decide it (an ``out_head`` equal to ``tok_emb`` is the tied
+        head, a different one unties it); :meth:`from_spec` unties it for a fresh model."""
         try:
             config = cls(vocab_size=d["vocab_size"], n_positions=d["context_length"], n_embd=d["emb_dim"],
-                         n_layer=d["n_layers"], n_head=d["n_heads"])
+                         n_layer=d["n_layers"], n_head=d["n_heads"], qkv_bias=d.get("qkv_bias", False),
+                         init="course")
         except KeyError as e:
             raise ConfigError(f"the course's config lacks the field {e.args[0]!r}") from None
-        return config.with_init("course").replace(qkv_bias=d.get("qkv_bias", False)).with_dropout(
-            d.get("drop_rate", 0.0))
+        return config.with_dropout(d.get("drop_rate", 0.0))
 
     @classmethod
     def from_openai_hparams(cls, d: dict[str, Any]) -> GPT2Config:
