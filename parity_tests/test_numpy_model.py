@@ -161,6 +161,11 @@ def test_model_gradients_with_dropout_match_finite_differences(model, embd_pdrop
     targets = rng.integers(0, config.vocab_size, (B, T))
     masks = draw_dropout_masks(config, B, T, rng)
     masks.embd[0, 0, 0] = False  # at least one entry dropped, however small the drawn shape
+    # A row of the first LayerNorm's input left by dropout with one tiny entry has a std near 0, where LayerNorm is
+    # singular: fourth-order differences at h = 1e-4 cannot follow its curvature (seen: 5e-6 at h = 1e-4, 5e-10 at
+    # h = 1e-5, on a row std of 0.0024). Such draws are excluded, as in the parity tests' n_embd = 1.
+    dropped_embedding = (params["wte.weight"][tokens] + params["wpe.weight"][:T]) * masks.embd / (1 - embd_pdrop)
+    assume(dropped_embedding.std(axis=-1).min() > 0.05)
     dropped = numpy_gpt2.loss(params, config, tokens, targets, dropout_masks=masks)
     assert dropped != numpy_gpt2.loss(params, config, tokens, targets)  # the masks take part in the loss
     errors = check_model_gradients(params, config, tokens, targets, entries_per_tensor=8, dropout_masks=masks)
