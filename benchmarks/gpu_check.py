@@ -44,8 +44,11 @@ BENCH_BACKENDS = ("torch-cuda-bf16", "torch-cuda-bf16-compile", "hf-cuda-bf16")
 # the goals' points first, so that a run short of time still measures them
 BENCH_POINTS = (("train", 16, 1024), ("decode", 1, 128), ("decode", 32, 128), ("decode", 1, 1024),
                 ("decode", 32, 1024), ("forward", 1, 1024), ("forward", 16, 1024))
-NEEDED_MODULES = ("numpy", "torch", "safetensors", "tiktoken", "transformers", "pytest", "hypothesis", "matplotlib",
-                  "threadpoolctl", "tqdm")
+# the modules the library imports at the top and the GPU tests need (rouge-score, imported only by the instruct eval,
+# is not among them): a GPU image's own
+# Python may lack some (google_crc32c, imported by the mapper's TF reader, is not in the usual CUDA images)
+NEEDED_MODULES = ("numpy", "torch", "safetensors", "tiktoken", "google_crc32c", "huggingface_hub", "transformers",
+                  "pytest", "hypothesis", "matplotlib", "threadpoolctl", "tqdm")
 CUDA_TORCH_HELP = ("install a CUDA build of torch: `GPT2_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 "
                    "bash scripts/setup` (the README's GPU section), or run with an interpreter whose torch has CUDA: "
                    "`GPT2_PYTHON=/path/to/python bash scripts/gpu-check OUT`")
