@@ -152,12 +152,19 @@ def plan(settings: Settings, size: str, device: str) -> list[Point]:
     return list(dict.fromkeys(points))  # a small context folds several lengths into one point
 
 
-def memory_needed(config: GPT2Config, specs: list[BackendSpec], workloads: tuple[str, ...]) -> int:
-    """Bytes the models of ``specs`` need together: float32 weights, plus gradients and AdamW's two moments when
-    training, plus a margin for activations (logits at B=4, T=1024 and a few block activations)."""
+def memory_needed(config: GPT2Config, specs: list[BackendSpec], points: list[Point]) -> int:
+    """Bytes the models of ``specs`` need together for ``points``: float32 weights, plus gradients and AdamW's two
+    moments when a point trains, plus the activations of the largest point (its logits three times over, as
+    logits, softmax and their gradient, and ~40 [rows, C] arrays per block; decoding's KV cache at its context).
+    The activations are those of the plan's own points: a margin sized for B=4 T=1024 left the 124M shape's
+    quick CPU plan (at most 1,024 rows) "needing" 19 GiB for its six models, and skipped on a 24 GiB machine."""
     P = count_params(config)
-    per_model = 4 * P * (4 if "train" in workloads else 1)
-    activations = 4 * (4 * 1024 * config.vocab_size * 3 + 40 * 4 * 1024 * config.n_embd * config.n_layer)
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size  # noqa: N806
+    trains = any(p.workload == "train" for p in points)
+    per_model = 4 * P * (4 if trains else 1)
+    rows = max([p.B * p.T for p in points if p.workload != "decode"], default=0)
+    kv_cache = max([2 * p.B * p.T * C * L for p in points if p.workload == "decode"], default=0)
+    activations = 4 * max(rows * (3 * V + 40 * C * L), kv_cache + 8 * max([p.B for p in points], default=0) * V)
     copies = sum(1 for s in specs if s.family != "numpy") + (1 if any(s.family == "numpy" for s in specs) else 0)
     return copies * per_model + activations
 
@@ -398,14 +405,14 @@ def run(settings: Settings, out_dir: Path | None, log: Callable[[str], None] = p
     for size, device in itertools.product(settings.size_names, devices):
         on_device = [s for s in present if s.device == device]
         config = settings.model_config(size)
-        need, have = memory_needed(config, on_device, settings.workloads), available_bytes(device)
+        points = plan(settings, size, device)
+        need, have = memory_needed(config, on_device, points), available_bytes(device)
         if need > 0.85 * have:
             reason = (f"{size} needs ~{need / 2**30:.1f} GiB for {len(on_device)} models on {device}, "
                       f"{have / 2**30:.1f} GiB available")
             report.skipped.append({"size": size, "device": device, "reason": reason})
             log(f"skipped {size} on {device}: {reason}")
             continue
-        points = plan(settings, size, device)
         if points:
             work.append((size, device, on_device, points))
     total = sum(sum(1 for s in on_device if not (p.workload == "decode" and s.compile)) * (1 + settings.n_repeats)

@@ -14,7 +14,7 @@ import pytest
 from benchmarks.backends import ALL_BACKENDS, unavailable_reason
 from benchmarks.common import decode_bytes, decode_weight_bytes, forward_flops, train_step_flops
 from benchmarks.sections import sections
-from benchmarks.suite import Settings, plan, render_markdown, resolve_backends, run
+from benchmarks.suite import Settings, memory_needed, plan, render_markdown, resolve_backends, run
 from gpt2_cli import main
 from mapper import GPT2Config
 from numpy_gpt2 import runtime
@@ -122,6 +122,25 @@ def test_plan_covers_the_goals_points():
     goals = {("forward", 1, 1024), ("train", 4, 64), ("decode", 1, 128), ("decode", 1, 64), ("decode", 1, 1024)}
     assert goals <= points
     assert ("train", 16, 1024) in {(p.workload, p.B, p.T) for p in plan(Settings(quick=True), "gpt2", "cuda")}
+
+
+def test_memory_needed_counts_the_plan_s_points_not_a_fixed_margin():
+    """The 124M shape's quick CPU plan with every CPU backend (six models, each trained) fits a 24 GiB machine:
+    the estimate once used B=4 T=1024 activations whatever the plan and skipped the whole CPU run there."""
+    config = GPT2Config.from_preset("gpt2")
+    specs = [ALL_BACKENDS[name] for name in ("numpy", "torch-cpu-fused", "torch-cpu-custom", "torch-cpu-bf16",
+                                             "hf-cpu", "hf-cpu-bf16")]
+    points = plan(Settings(quick=True), "gpt2", "cpu")
+    weights_and_adam = 6 * 4 * 4 * 124_439_808  # six models: weights, gradients, two moments, float32
+    need = memory_needed(config, specs, points)
+    # the largest point is forward B=1 T=1024: 1,024 rows of logits (x3) and ~40 [rows, C] arrays per block
+    assert need == weights_and_adam + 4 * 1024 * (3 * 50257 + 40 * 768 * 12)
+    assert need < 0.85 * 23.5 * 2**30
+    # a plan with a larger point needs more; inference alone needs no optimizer state
+    bigger = points + [type(points[0])("gpt2", "train", "cpu", 8, 1024)]
+    assert memory_needed(config, specs, bigger) > need
+    forward_only = [p for p in points if p.workload == "forward"]
+    assert memory_needed(config, specs, forward_only) == 6 * 4 * 124_439_808 + 4 * 1024 * (3 * 50257 + 40 * 768 * 12)
 
 
 def test_bad_settings_are_clear_errors(capsys, tmp_path):
