@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from mapper.config import GPT2Config
-from mapper.host import cpu_model
+from mapper.host import cpu_identity
 from numpy_gpt2.runtime import keep_freed_memory
 
 __all__ = [
@@ -170,7 +170,7 @@ def machine() -> dict[str, object]:
     from numpy_gpt2.runtime import openblas_kernels
 
     info: dict[str, object] = {
-        "cpu": cpu_model(),
+        "cpu": cpu_identity(),
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(int((_first_line("/proc/meminfo", "MemTotal") or "0 kB").split()[0]) / 2**20, 1),
         "platform": platform.platform(),

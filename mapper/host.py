@@ -37,6 +37,27 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name with its family, model and stepping: "AMD EPYC (family 25, model 17, stepping 1)".
+
+    Virtual machines often report a bare "AMD EPYC" for parts as different as Zen 4 (family 25) and Zen 5
+    (family 26), whose fastest kernels differ; the numbers tell them apart. Where they cannot be read (not Linux,
+    not x86), the model name alone."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    numbers = [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if name in fields]
+    name = cpu_model(cpuinfo)
+    return f"{name} ({', '.join(n.replace('cpu family', 'family') for n in numbers)})" if numbers else name
+
+
 def low_precision_support(flags: frozenset[str]) -> dict[str, str | None]:
     """For "bf16" and "fp16": None where ``flags`` hold an instruction set that multiplies it natively, else the
     reason (one line) why a measurement of it would only time an emulation."""

@@ -19,7 +19,7 @@ from benchmarks.common import default_threads
 from gpt2_cli.main import build_parser
 from mapper import GPT2Config, init_params
 from mapper.download import CACHE_ENV
-from mapper.host import cpu_flags, cpu_model, low_precision_support
+from mapper.host import cpu_flags, cpu_identity, cpu_model, low_precision_support
 from parity_tests.conftest import DATA, REPO
 from tasks.runlog import read_log
 from torch_gpt2 import GPT2, onednn
@@ -41,6 +41,7 @@ def kernel_cache(tmp_path, monkeypatch):
         return {"oneDNN": 2.0, "MKL": 3.0}
 
     monkeypatch.setattr(onednn, "measure_linear_kernels", measure)
+    monkeypatch.setattr(onednn, "machine_busy", lambda: None)  # whatever else this machine runs meanwhile
     onednn.preferred_linear.cache_clear()
     yield tmp_path / onednn.CACHE_FILE, measured
     onednn.preferred_linear.cache_clear()
@@ -52,7 +53,7 @@ def test_the_choice_is_measured_once_and_cached(kernel_cache):
     assert choice.onednn and choice.seconds == {"oneDNN": 2.0, "MKL": 3.0} and len(measured) == 1
     assert f"cached in {path}" in choice.describe()
     entries = json.loads(path.read_text())["entries"]
-    assert list(entries) == [f"{cpu_model()} | torch {torch.__version__}"]
+    assert list(entries) == [f"{cpu_identity()} | torch {torch.__version__}"]
     onednn.preferred_linear.cache_clear()  # a new process: the file is read, nothing is measured
     again = onednn.preferred_linear()
     assert again.onednn and len(measured) == 1 and f"read from {path}" in again.describe()
@@ -60,7 +61,7 @@ def test_the_choice_is_measured_once_and_cached(kernel_cache):
 
 def test_the_faster_kernel_wins(kernel_cache, monkeypatch):
     path, _ = kernel_cache
-    key = f"{cpu_model()} | torch {torch.__version__}"
+    key = f"{cpu_identity()} | torch {torch.__version__}"
     path.write_text(json.dumps({"format": 1, "entries": {key: {"seconds": {"oneDNN": 5.0, "MKL": 4.0}, "threads": 2}}}))
     choice = onednn.preferred_linear()
     assert not choice.onednn and choice.kernel == "MKL (F.linear)"
@@ -72,12 +73,31 @@ def test_another_cpu_or_torch_measures_again(kernel_cache, monkeypatch, change):
     onednn.preferred_linear()
     onednn.preferred_linear.cache_clear()
     if change == "cpu":
-        monkeypatch.setattr(onednn, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8488C")
+        monkeypatch.setattr(onednn, "cpu_identity", lambda: "AMD EPYC (family 26, model 2, stepping 0)")
     else:
         monkeypatch.setattr(torch, "__version__", "9.9.9")
     onednn.preferred_linear()
     assert len(measured) == 2
     assert len(json.loads(path.read_text())["entries"]) == 2  # both machines' answers are kept
+
+
+def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(kernel_cache, monkeypatch):
+    path, measured = kernel_cache
+    monkeypatch.setattr(onednn, "machine_busy", lambda: "the machine is busy (load average 6.0 on 2 CPUs)")
+    choice = onednn.preferred_linear()
+    assert choice.onednn and len(measured) == 1 and not path.exists()
+    assert "not cached: the machine is busy (load average 6.0 on 2 CPUs)" in choice.describe()
+    onednn.preferred_linear.cache_clear()
+    monkeypatch.setattr(onednn, "machine_busy", lambda: None)  # the next process, on a quiet machine
+    assert onednn.preferred_linear().onednn and len(measured) == 2 and path.exists()
+
+
+def test_busy_means_a_load_average_of_at_least_the_cpus_in_use(monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus - 0.5, 0.0, 0.0))
+    assert onednn.machine_busy() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 0.0, 0.0, 0.0))
+    assert onednn.machine_busy() == f"the machine is busy (load average {cpus:.1f} on {cpus} CPUs)"
 
 
 def test_a_damaged_cache_is_measured_again(kernel_cache):
@@ -193,3 +213,22 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     assert evals[-1]["eval_train_loss"] < evals[0]["eval_train_loss"] - 0.5
     assert abs(bf16[-1]["train_loss"] - fp32[-1]["train_loss"]) < 0.05 * fp32[-1]["train_loss"]
     assert bf16[0]["train_loss"] != fp32[0]["train_loss"]  # it did run in bf16
+
+
+def test_two_cpus_that_share_a_bare_model_name_are_told_apart(tmp_path):
+    """VMs show Zen 4 and Zen 5 both as "AMD EPYC": the kernel cache and the bench's machine key add family, model
+    and stepping, so one part's measured choice is never reused on the other."""
+    def cpuinfo(name: str, family: int, model: int) -> str:
+        path = tmp_path / f"cpuinfo-{family}-{model}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                        f"model name\t: {name}\nstepping\t: 1\nflags\t\t: avx2 avx512f\n\n"
+                        f"processor\t: 1\ncpu family\t: 99\nmodel\t\t: 99\nmodel name\t: other\n")
+        return str(path)
+
+    zen4, zen5 = cpuinfo("AMD EPYC", 25, 17), cpuinfo("AMD EPYC", 26, 2)
+    assert cpu_model(zen4) == cpu_model(zen5) == "AMD EPYC"
+    assert cpu_identity(zen4) == "AMD EPYC (family 25, model 17, stepping 1)"
+    assert cpu_identity(zen5) == "AMD EPYC (family 26, model 2, stepping 1)"
+    bare = tmp_path / "cpuinfo-bare"
+    bare.write_text("model name\t: Some CPU\n")
+    assert cpu_identity(str(bare)) == "Some CPU"
