@@ -44,36 +44,15 @@ def op_pair(module, forward: str, backward: str, args: tuple, dy: object | None,
 
 def tricks_of(config: GPT2Config, B: int, T: int, backward: bool, rng: np.random.Generator) -> dict:
     """trick -> (calls per step, the baseline's op pair, the trick's op pair), on the arrays a step feeds them."""
-    C, L, NH, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size  # noqa: N806
-    f32 = np.float32
-
-    def arrays(*shapes: tuple[int, ...]) -> list[np.ndarray]:
-        return [rng.standard_normal(shape).astype(f32) for shape in shapes]
-
-    qkv, = arrays((B, T, 3 * C))
-    qkv *= 0.5
-    att_up, x, ln_up, fc, fc_up = arrays((B, T, C), (B, T, C), (B, T, C), (B, T, 4 * C), (B, T, 4 * C))
-    w, b = 1 + 0.1 * rng.standard_normal(C).astype(f32), 0.1 * rng.standard_normal(C).astype(f32)
+    C, L, NH = config.n_embd, config.n_layer, config.n_head  # noqa: N806
+    qkv = (0.5 * rng.standard_normal((B, T, 3 * C))).astype(np.float32)
+    att_up = rng.standard_normal((B, T, C)).astype(np.float32)
     up = (lambda a: a) if backward else (lambda a: None)
     tricks = {
         "attention in query blocks": (L, op_pair(ops, "attention_forward", "attention_backward", (qkv, NH), up(att_up)),
                                       op_pair(fast, "attention_forward", "attention_backward", (qkv, NH),
-                                              up(att_up), threads=1)),
-        "attention softmax on all cores": (
-            L, op_pair(fast, "attention_forward", "attention_backward", (qkv, NH), up(att_up), threads=1),
-            op_pair(fast, "attention_forward", "attention_backward", (qkv, NH), up(att_up))),
-        "GELU on all cores": (L, op_pair(ops, "gelu_forward", "gelu_backward", (fc,), up(fc_up)),
-                              op_pair(fast, "gelu_forward", "gelu_backward", (fc,), up(fc_up))),
-        "LayerNorm on all cores": (2 * L + 1, op_pair(ops, "layernorm_forward", "layernorm_backward", (x, w, b),
-                                                      up(ln_up)),
-                                   op_pair(fast, "layernorm_forward", "layernorm_backward", (x, w, b), up(ln_up))),
+                                              up(att_up))),
     }
-    if backward:  # the loss is a training step's
-        logits = (2 * rng.standard_normal((B, T, V))).astype(f32)
-        targets = rng.integers(0, V, (B, T))
-        tricks["cross-entropy on all cores"] = (
-            1, op_pair(ops, "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", (logits, targets), 1.0),
-            op_pair(fast, "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", (logits, targets), 1.0))
     return tricks
 
 

@@ -3,9 +3,13 @@
 Each function here has its spec twin in ``numpy_gpt2/ops.py`` with the same signature and the same result up to
 rounding (``parity_tests/test_fast.py`` checks every one against the spec). The spec says *what* is computed;
 this file only changes *how*. What each trick bought on the GPT-2 124M shape is written above it (2-core AMD
-EPYC, float32, ``python -m benchmarks.fast_tricks``); a trick that bought under ~3% was dropped: GELU and the
-cross-entropy backward in place bought 0.5-0.7% of a step each. The elementwise passes on every core (GELU,
-LayerNorm, the attention softmax, the cross-entropy) await that measurement on a quiet machine.
+EPYC, float32, ``python -m benchmarks.fast_tricks``); a trick that bought under ~3% was dropped:
+- GELU and the cross-entropy backward in place: 0.5-0.7% of a step each (AMD EPYC Zen 5);
+- GELU, LayerNorm, the attention softmax and the cross-entropy on row blocks in threads (NumPy releases the GIL
+  inside a large ufunc): 0.6%, 0.3% and -0.6% of the forward B=1 T=1024, 0.2%, 0.1%, 0.0% and 1.1% of the train
+  step B=4 T=64 (AMD EPYC Zen 4, family 25 model 17, 2 cores, quiet, 2026-12-02). On two cores these passes are
+  bound by memory traffic, which a second thread hardly adds to; the chunked AdamW (``numpy_gpt2.optim``), which
+  does earn its place (19% of the train step), is the one threaded pass.
 
 Ops without a faster version here are the spec's own (re-exported below), so ``numpy_gpt2.model`` can take all
 of its kernels from this module.
@@ -14,21 +18,19 @@ of its kernels from this module.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from mapper.tokens import IGNORE_INDEX
 from numpy_gpt2.ops import (
-    GELU_CUBIC,
-    GELU_SCALE,
     check_no_kv_cache,
     dropout_backward,
     dropout_forward,
     embedding_backward,
     embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
     linear_backward,
     linear_forward,
     lm_head_backward,
@@ -39,6 +41,8 @@ from numpy_gpt2.ops import (
     pool_forward,
     residual_backward,
     residual_forward,
+    softmax_cross_entropy_backward,
+    softmax_cross_entropy_forward,
     split_heads,
 )
 
@@ -68,188 +72,6 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------------------
-# Elementwise passes on every core. A matmul runs on all cores inside BLAS; NumPy's elementwise ufuncs and
-# reductions run on the calling thread only, and at the 124M shape they are a large share of a step (GELU's
-# tanh over [B*T, 3072], the softmax over T x T per head, LayerNorm, the cross-entropy over 50257 columns).
-# NumPy releases the GIL inside each ufunc on a large array, so threads that each take a block of rows run in
-# parallel (as FastAdamW's chunks do). Each row is computed by the same operations in the same order as the
-# spec, so results are bit-identical; a column sum over rows (LayerNorm's dw, db) adds per-block partial sums
-# and differs from the spec's order by rounding only.
-# ------------------------------------------------------------------------------------------------------
-
-THREADS = max(1, min(os.cpu_count() or 1, 8))
-MIN_BLOCK_ELEMENTS = 1 << 18  # smaller blocks: the hand-off to a thread (tens of µs) is no longer small
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def row_blocks(n_rows: int, row_size: int, threads: int | None) -> list[slice]:
-    """Slices of 0..n_rows, one per thread: ``threads`` of them (at most one per row), or with None as many of
-    ``THREADS`` as keep each block at ``MIN_BLOCK_ELEMENTS`` or more."""
-    if threads is None:
-        threads = min(THREADS, max(1, n_rows * row_size // MIN_BLOCK_ELEMENTS))
-    n = max(1, min(threads, n_rows))
-    bounds = [round(i * n_rows / n) for i in range(n + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
-
-
-def on_row_blocks(work: Callable[[slice], object], blocks: list[slice]) -> list:
-    """``work(block)`` for every block, in parallel threads when there are several; their results in order. The
-    caller's floating-point error handling (``np.errstate``, local to a thread) applies in the threads too."""
-    if len(blocks) == 1:
-        return [work(blocks[0])]
-    pool = _pools.get(len(blocks))
-    if pool is None:
-        pool = _pools[len(blocks)] = ThreadPoolExecutor(len(blocks), thread_name_prefix="numpy_gpt2.fast")
-    errors = np.geterr()
-
-    def as_caller(block: slice) -> object:
-        with np.errstate(**errors):
-            return work(block)
-
-    return [job.result() for job in [pool.submit(as_caller, block) for block in blocks]]
-
-
-def gelu_forward(x: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, tuple]:
-    """As ``ops.gelu_forward``, on row blocks in parallel; ``threads`` as in :func:`row_blocks`."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y, tanh_u = np.empty_like(x2), np.empty_like(x2)
-
-    def work(rows: slice) -> None:
-        xs, t = x2[rows], tanh_u[rows]
-        np.multiply(xs, GELU_CUBIC, out=t)
-        t *= xs
-        t *= xs
-        t += xs
-        t *= GELU_SCALE  # u = sqrt(2/pi) (x + 0.044715 x^3), the spec's order of operations
-        np.tanh(t, out=t)
-        np.multiply(xs, 0.5, out=y[rows])
-        y[rows] *= t + 1.0  # y = 0.5 x (1 + tanh(u))
-
-    on_row_blocks(work, row_blocks(x2.shape[0], x2.shape[1], threads))
-    return y.reshape(x.shape), (x, tanh_u.reshape(x.shape))
-
-
-def gelu_backward(dy: np.ndarray, cache: tuple, threads: int | None = None) -> tuple[np.ndarray, tuple]:
-    """As ``ops.gelu_backward``, on row blocks in parallel."""
-    x, tanh_u = cache
-    x2, t2, dy2 = (a.reshape(-1, a.shape[-1]) for a in (x, tanh_u, dy))
-    dx = np.empty_like(dy2)
-
-    def work(rows: slice) -> None:
-        xs, ts = x2[rows], t2[rows]
-        du_dx = np.square(xs)
-        du_dx *= 3.0 * GELU_CUBIC
-        du_dx += 1.0
-        du_dx *= GELU_SCALE  # sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-        slope = np.square(ts)
-        np.subtract(1.0, slope, out=slope)  # 1 - tanh(u)^2
-        second = xs * 0.5
-        second *= slope
-        second *= du_dx  # 0.5 x (1 - tanh(u)^2) du/dx
-        first = ts + 1.0
-        first *= 0.5  # 0.5 (1 + tanh(u))
-        first += second
-        np.multiply(dy2[rows], first, out=dx[rows])
-
-    on_row_blocks(work, row_blocks(x2.shape[0], x2.shape[1], threads))
-    return dx.reshape(dy.shape), ()
-
-
-def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5, threads: int | None = None
-                      ) -> tuple[np.ndarray, tuple]:
-    """As ``ops.layernorm_forward``, on row blocks in parallel."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y, xhat = np.empty_like(x2), np.empty_like(x2)
-    rstd = np.empty((x2.shape[0], 1), dtype=x.dtype)
-
-    def work(rows: slice) -> None:
-        xs = x2[rows]
-        centred = xs - xs.mean(axis=-1, keepdims=True)
-        var = np.square(centred).mean(axis=-1, keepdims=True)  # biased
-        np.divide(1.0, np.sqrt(var + eps), out=rstd[rows])
-        np.multiply(centred, rstd[rows], out=xhat[rows])
-        np.multiply(xhat[rows], w, out=y[rows])
-        y[rows] += b
-
-    on_row_blocks(work, row_blocks(x2.shape[0], x2.shape[1], threads))
-    shape = x.shape
-    return y.reshape(shape), (xhat.reshape(shape), rstd.reshape(*shape[:-1], 1), w)
-
-
-def layernorm_backward(dy: np.ndarray, cache: tuple, threads: int | None = None
-                       ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """As ``ops.layernorm_backward``, on row blocks in parallel (dw and db summed per block, then over blocks)."""
-    xhat, rstd, w = cache
-    C = dy.shape[-1]
-    dy2, xhat2, rstd2 = dy.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)
-    dx = np.empty_like(dy2)
-
-    def work(rows: slice) -> tuple[np.ndarray, np.ndarray]:
-        d, xh = dy2[rows], xhat2[rows]
-        dy_xhat = d * xh
-        dw, db = dy_xhat.sum(axis=0), d.sum(axis=0)
-        dxhat = d * w
-        dxhat_mean = dxhat.mean(axis=-1, keepdims=True)
-        np.multiply(dxhat, xh, out=dy_xhat)
-        dxhat_xhat_mean = dy_xhat.mean(axis=-1, keepdims=True)
-        dxhat -= dxhat_mean
-        np.multiply(xh, dxhat_xhat_mean, out=dy_xhat)
-        dxhat -= dy_xhat
-        np.multiply(rstd2[rows], dxhat, out=dx[rows])  # rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
-        return dw, db
-
-    parts = on_row_blocks(work, row_blocks(dy2.shape[0], C, threads))
-    return dx.reshape(dy.shape), (sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:])
-                                  + parts[0][1])
-
-
-def softmax_cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, threads: int | None = None
-                                  ) -> tuple[float, tuple]:
-    """As ``ops.softmax_cross_entropy_forward``, the softmax over the vocabulary on row blocks in parallel."""
-    V = logits.shape[-1]
-    z = logits.reshape(-1, V)
-    t = targets.reshape(-1)
-    kept = np.flatnonzero(t != IGNORE_INDEX)
-    if kept.size == 0:
-        raise ValueError(f"every target is the ignore index ({IGNORE_INDEX}): there is nothing to compute a loss over")
-    probs = np.empty_like(z)
-    log_sum_exp = np.empty((z.shape[0], 1), dtype=z.dtype)
-
-    def work(rows: slice) -> None:
-        zs, p = z[rows], probs[rows]
-        z_max = zs.max(axis=-1, keepdims=True)
-        np.subtract(zs, z_max, out=p)
-        np.exp(p, out=p)
-        np.add(z_max, np.log(p.sum(axis=-1, keepdims=True)), out=log_sum_exp[rows])
-        np.subtract(zs, log_sum_exp[rows], out=p)
-        np.exp(p, out=p)  # softmax(z)
-
-    on_row_blocks(work, row_blocks(z.shape[0], V, threads))
-    nll = log_sum_exp[kept, 0] - z[kept, t[kept]]
-    return float(nll.sum() / kept.size), (probs, t, kept, logits.shape)
-
-
-def softmax_cross_entropy_backward(dloss: float, cache: tuple, threads: int | None = None
-                                   ) -> tuple[np.ndarray, tuple]:
-    """As ``ops.softmax_cross_entropy_backward``, on row blocks in parallel."""
-    probs, t, kept, shape = cache
-    scale = dloss / kept.size
-    ignored = t == IGNORE_INDEX
-    dz = np.empty_like(probs)
-
-    def work(rows: slice) -> None:
-        d = dz[rows]
-        np.copyto(d, probs[rows])
-        d[ignored[rows]] = 0.0
-        mine = np.flatnonzero(~ignored[rows])
-        d[mine, t[rows][mine]] -= 1.0  # softmax(z) - onehot(t)
-        d *= scale
-
-    on_row_blocks(work, row_blocks(probs.shape[0], probs.shape[1], threads))
-    return dz.reshape(shape), ()
-
-
-# ------------------------------------------------------------------------------------------------------
 # Attention in query blocks, softmax in place: queries s..e-1 see only keys 0..P+e-1, so the keys after a block
 # (the upper triangle of the causal mask) are never multiplied or exponentiated; at T = 1024 with blocks of 256
 # that skips ~3/8 of the attention work. Each block is still batched over B and NH. Measured: forward B=1 T=1024
@@ -267,11 +89,9 @@ def attention_forward(
     keep: np.ndarray | None = None,
     p: float = 0.0,
     block: int = ATTENTION_BLOCK,
-    threads: int | None = None,
 ) -> tuple[np.ndarray, tuple]:
-    """As ``ops.attention_forward``; ``block`` = queries per block; the softmax of each block runs on blocks of
-    heads in parallel (``threads`` as in :func:`row_blocks`). With ``keep`` a block keeps both its softmax (for the
-    backward) and its dropped weights (an extra [B, NH, block, keys] array)."""
+    """As ``ops.attention_forward``; ``block`` = queries per block. With ``keep`` a block keeps both its softmax
+    (for the backward) and its dropped weights (an extra [B, NH, block, keys] array)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
@@ -292,26 +112,19 @@ def attention_forward(
         n_keys = pos0 + e
         att = np.matmul(q_scaled[:, :, s:e], k[:, :, :n_keys].swapaxes(-1, -2))  # [B,NH,e-s,n_keys]
         future = np.arange(n_keys)[None, :] > (pos0 + np.arange(s, e))[:, None]
-        heads = att.reshape(B * n_head, e - s, n_keys)
-
-        def softmax(rows: slice, heads: np.ndarray = heads, future: np.ndarray = future) -> None:
-            a = heads[rows]
-            np.copyto(a, -np.inf, where=future)
-            a -= a.max(axis=-1, keepdims=True)
-            np.exp(a, out=a)
-            a *= 1.0 / a.sum(axis=-1, keepdims=True)  # softmax in place
-
-        on_row_blocks(softmax, row_blocks(B * n_head, (e - s) * n_keys, threads))
+        np.copyto(att, -np.inf, where=future)
+        att -= att.max(axis=-1, keepdims=True)
+        np.exp(att, out=att)
+        att *= 1.0 / att.sum(axis=-1, keepdims=True)  # softmax in place
         att_kept, cache_drop = (att, None) if keep is None else dropout_forward(att, keep[:, :, s:e, :n_keys], p)
         np.matmul(att_kept, v[:, :, :n_keys], out=y_heads[:, :, s:e])
         blocks.append((s, e, att, att_kept, cache_drop))
-    return y.reshape(B, T, C), (q_scaled, k, v, blocks, kv_cache is not None, threads)
+    return y.reshape(B, T, C), (q_scaled, k, v, blocks, kv_cache is not None)
 
 
 def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]:
-    """As ``ops.attention_backward`` (only after a forward without a KV cache); the softmax's backward runs on blocks
-    of heads in parallel, as the forward's softmax did."""
-    q_scaled, k, v, blocks, used_kv_cache, threads = cache
+    """As ``ops.attention_backward`` (only after a forward without a KV cache)."""
+    q_scaled, k, v, blocks, used_kv_cache = cache
     check_no_kv_cache(used_kv_cache)
     B, NH, T, hs = q_scaled.shape
     dqkv = np.empty((B, T, 3, NH, hs), dtype=dy.dtype)
@@ -324,14 +137,8 @@ def attention_backward(dy: np.ndarray, cache: tuple) -> tuple[np.ndarray, tuple]
         dv_block = np.matmul(att_kept.swapaxes(-1, -2), dy_block)
         if cache_drop is not None:
             datt = dropout_backward(datt, cache_drop)[0]  # through the dropout of the weights (a fresh array)
-        d_heads, a_heads = datt.reshape(B * NH, e - s, e), att.reshape(B * NH, e - s, e)
-
-        def softmax_backward(rows: slice, d_heads: np.ndarray = d_heads, a_heads: np.ndarray = a_heads) -> None:
-            d, a = d_heads[rows], a_heads[rows]
-            d -= np.einsum("hts,hts->ht", d, a)[..., None]
-            d *= a  # dscores
-
-        on_row_blocks(softmax_backward, row_blocks(B * NH, (e - s) * e, threads))
+        datt -= np.einsum("bhts,bhts->bht", datt, att)[..., None]
+        datt *= att  # dscores
         np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])
         dq[:, :, s:e] *= 1.0 / math.sqrt(hs)
         dk_block = np.matmul(datt.swapaxes(-1, -2), q_scaled[:, :, s:e])

@@ -62,83 +62,14 @@ def test_attention_blocks_with_a_kv_cache_equal_the_spec(B, T, n_head, hs, block
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-13)
 
 
-@given(B=st.integers(1, 2), T=st.integers(1, 9), n_head=st.integers(1, 4), hs=st.integers(1, 3),
-       block=st.integers(1, 5), threads=st.integers(1, 5), seed=seeds)
-def test_attention_softmax_on_blocks_of_heads_equals_one_thread(B, T, n_head, hs, block, threads, seed):
-    """The per-block softmax (and its backward) split over heads gives the one-thread result bit for bit."""
-    rng = np.random.default_rng(seed)
-    C = n_head * hs
-    qkv, up = rng.standard_normal((B, T, 3 * C)), rng.standard_normal((B, T, C))
-    y_one, cache_one = fast.attention_forward(qkv, n_head, block=block, threads=1)
-    y_many, cache_many = fast.attention_forward(qkv, n_head, block=block, threads=threads)
-    np.testing.assert_array_equal(y_many, y_one)
-    np.testing.assert_array_equal(fast.attention_backward(up, cache_many)[0], fast.attention_backward(up, cache_one)[0])
-
-
-rows = st.integers(1, 13)
-threads = st.sampled_from([None, 1, 2, 3, 5])
-
-
-@given(N=rows, F=st.integers(1, 20), threads=threads, dtype=st.sampled_from([np.float32, np.float64]), seed=seeds)
-def test_gelu_on_row_blocks_is_the_spec_bit_for_bit(N, F, threads, dtype, seed):
-    rng = np.random.default_rng(seed)
-    x, dy = (3 * rng.standard_normal((N, 1, F))).astype(dtype), rng.standard_normal((N, 1, F)).astype(dtype)
-    y_spec, cache_spec = ops.gelu_forward(x)
-    y_fast, cache_fast = fast.gelu_forward(x, threads=threads)
-    np.testing.assert_array_equal(y_fast, y_spec)
-    np.testing.assert_array_equal(cache_fast[1], cache_spec[1])
-    np.testing.assert_array_equal(fast.gelu_backward(dy, cache_fast, threads=threads)[0],
-                                  ops.gelu_backward(dy, cache_spec)[0])
-
-
-@given(N=rows, C=st.integers(2, 16), threads=threads, seed=seeds)
-def test_layernorm_on_row_blocks_equals_the_spec(N, C, threads, seed):
-    """Each row bit for bit; dw and db, summed per block and then over blocks, to float64 rounding."""
-    rng = np.random.default_rng(seed)
-    x, dy = 1 + 2 * rng.standard_normal((N, 2, C)), rng.standard_normal((N, 2, C))
-    w, b = rng.standard_normal(C), rng.standard_normal(C)
-    y_spec, cache_spec = ops.layernorm_forward(x, w, b)
-    y_fast, cache_fast = fast.layernorm_forward(x, w, b, threads=threads)
-    np.testing.assert_array_equal(y_fast, y_spec)
-    (dx_spec, (dw_spec, db_spec)) = ops.layernorm_backward(dy, cache_spec)
-    (dx_fast, (dw_fast, db_fast)) = fast.layernorm_backward(dy, cache_fast, threads=threads)
-    np.testing.assert_array_equal(dx_fast, dx_spec)
-    np.testing.assert_allclose(dw_fast, dw_spec, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(db_fast, db_spec, rtol=1e-13, atol=1e-13)
-
-
-@given(N=rows, V=st.integers(2, 40), threads=threads, ignore=st.floats(0, 0.6),
-       dtype=st.sampled_from([np.float32, np.float64]), seed=seeds)
-def test_cross_entropy_on_row_blocks_is_the_spec_bit_for_bit(N, V, threads, ignore, dtype, seed):
-    rng = np.random.default_rng(seed)
-    logits = (4 * rng.standard_normal((N, 1, V))).astype(dtype)
-    targets = rng.integers(0, V, (N, 1))
-    targets[rng.random((N, 1)) < ignore] = -100
-    targets[0, 0] = 1  # at least one target counts
-    loss_spec, cache_spec = ops.softmax_cross_entropy_forward(logits, targets)
-    loss_fast, cache_fast = fast.softmax_cross_entropy_forward(logits, targets, threads=threads)
-    assert loss_fast == loss_spec
-    np.testing.assert_array_equal(cache_fast[0], cache_spec[0])
-    np.testing.assert_array_equal(fast.softmax_cross_entropy_backward(0.7, cache_fast, threads=threads)[0],
-                                  ops.softmax_cross_entropy_backward(0.7, cache_spec)[0])
-
-
-def test_row_block_threads_keep_the_callers_error_handling():
-    """np.errstate is local to a thread: the blocks run under the caller's, so an overflow the caller ignores
-    stays silent and one it raises on still raises."""
-    x = np.full((8, 1, 4), 1e30, np.float32)
-    with np.errstate(over="ignore"):
-        fast.gelu_forward(x, threads=4)
-    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
-        fast.gelu_forward(x, threads=4)
-
-
-def test_row_blocks_cover_every_row_once():
-    for n_rows, row_size, threads in ((10, 4, 3), (2, 1 << 20, None), (5, 1, None), (1, 10, 8), (7, 100, 7)):
-        blocks = fast.row_blocks(n_rows, row_size, threads)
-        assert [i for b in blocks for i in range(b.start, b.stop)] == list(range(n_rows))
-    assert len(fast.row_blocks(5, 1, None)) == 1  # tiny: no hand-off
-    assert len(fast.row_blocks(4096, 3072, None)) == fast.THREADS
+def test_ops_without_a_measured_trick_are_the_spec_s_own():
+    """The elementwise passes on row blocks in threads bought under 3% of a step and were dropped: fast=True runs
+    the spec's GELU, LayerNorm and cross-entropy themselves, not a copy."""
+    for name in ("gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+                 "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "linear_forward",
+                 "dropout_forward"):
+        assert getattr(fast, name) is getattr(ops, name)
+    assert fast.attention_forward is not ops.attention_forward  # the one measured kernel trick of this file
 
 
 @pytest.mark.parametrize("threads", [1, 2])
