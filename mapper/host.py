@@ -53,9 +53,10 @@ def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
                 fields[key.strip()] = value.strip()
     except OSError:
         pass
-    numbers = [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if name in fields]
-    name = cpu_model(cpuinfo)
-    return f"{name} ({', '.join(n.replace('cpu family', 'family') for n in numbers)})" if numbers else name
+    name = fields.get("model name") or cpu_model(cpuinfo)  # cpu_model's fallback where /proc/cpuinfo is not
+    numbers = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                           ("stepping", "stepping")) if key in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def low_precision_support(flags: frozenset[str]) -> dict[str, str | None]:
